@@ -1,0 +1,96 @@
+# SPDX-License-Identifier: GPL-2.0
+#
+# kvmlu: the README's commands. Everything installs what it needs first:
+#   make demo   boot the test VM and run the demo
+#   make test   host tests, then the kernel suite in one VM boot
+#
+# The kernel built against is the one the VM boots: the newest installed
+# /boot/vmlinuz-<ver> that has /lib/modules/<ver>/build. Override with KVER=.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+APT_PACKAGES := qemu-system-x86 linux-image-amd64 linux-headers-amd64 \
+	kmod udev busybox make gcc libc6-dev libelf-dev python3 python3-venv python3-dev libffi-dev
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+KVMLU := $(VENV)/bin/kvmlu
+STAMPS := .stamps
+
+# Evaluated when used, so a sub-make started after the packages are installed
+# finds the kernel they brought.
+KVER ?= $(shell for v in $$(ls -1 /lib/modules 2>/dev/null | sort -V); do \
+	[ -e /boot/vmlinuz-$$v ] && [ -e /lib/modules/$$v/build ] && echo $$v; done | tail -n 1)
+KDIR ?= /lib/modules/$(KVER)/build
+VM_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: all deps venv modules test test-host test-kernel lint demo clean help
+
+all: modules
+
+help:
+	@echo "make demo | test | test-host | test-kernel | modules | lint | clean"
+
+# Debian packages, installed only when one is missing.
+deps: $(STAMPS)/apt
+$(STAMPS)/apt: Makefile
+	@mkdir -p $(STAMPS)
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "Installing Debian packages:" $$missing; \
+		if [ "$$(id -u)" != 0 ]; then echo "root is needed to install them" >&2; exit 1; fi; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -q; \
+		apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	@touch $@
+
+# The venv with the package (the cffi extension is built here) and its test tools.
+venv: $(STAMPS)/venv
+$(STAMPS)/venv: $(STAMPS)/apt pyproject.toml setup.py pyctl/_build.py pyctl/decl/kvmlu.h \
+		kmod/include/uapi/linux/kvmlu.h
+	@mkdir -p $(STAMPS)
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+# The modules, with W=1 and warnings as errors.
+modules: deps
+	@$(MAKE) --no-print-directory _modules
+
+_modules:
+	@[ -n "$(KVER)" ] || { echo "no kernel with headers found in /boot and /lib/modules" >&2; exit 1; }
+	$(MAKE) -C $(KDIR) M=$(CURDIR) W=1 KCFLAGS=-Werror modules
+
+lint: venv
+	$(VENV)/bin/ruff check pyctl tests
+	$(VENV)/bin/ruff format --check pyctl tests
+	$(VENV)/bin/mypy
+
+test: deps venv
+	@$(MAKE) --no-print-directory _modules
+	@$(MAKE) --no-print-directory test-host
+	@$(MAKE) --no-print-directory test-kernel
+
+test-host: venv
+	$(VENV)/bin/ruff check pyctl tests
+	$(VENV)/bin/mypy
+	KVMLU_KERNEL=$(KVER) $(VENV)/bin/pytest tests/host $(PYTEST_ARGS)
+
+# The whole kernel suite in one boot of the test VM.
+test-kernel: venv
+	@$(MAKE) --no-print-directory _modules
+	$(KVMLU) vm --kernel $(KVER) $(VM_ARGS) -- \
+		$(CURDIR)/$(PY) -m pytest -p no:cacheprovider tests/kernel $(PYTEST_ARGS)
+
+demo: deps venv
+	@$(MAKE) --no-print-directory _modules
+	$(KVMLU) vm --kernel $(KVER) $(VM_ARGS) -- $(CURDIR)/$(KVMLU) demo
+
+clean:
+	-[ -z "$(KVER)" ] || $(MAKE) -C $(KDIR) M=$(CURDIR) clean
+	rm -rf $(STAMPS) build *.egg-info pyctl/_kvmlu_cffi*.so pyctl/_kvmlu_cffi.c

@@ -1,0 +1,286 @@
+/* SPDX-License-Identifier: GPL-2.0 WITH Linux-syscall-note */
+/*
+ * kvmlu: posted-interrupt descriptors that outlive the VMM that created them.
+ *
+ * This header is the single source of truth for the kvmlu uAPI: the kernel
+ * modules, the Python control plane (through cffi) and the QEMU patches all
+ * include it.
+ */
+#ifndef _UAPI_LINUX_KVMLU_H
+#define _UAPI_LINUX_KVMLU_H
+
+#include <linux/ioctl.h>
+#include <linux/types.h>
+
+/**
+ * DOC: General ioctl format
+ *
+ * Every ioctl takes a pointer to a structure whose first field is a __u32
+ * @size: the number of bytes userspace passes, normally sizeof() of the
+ * structure as userspace knows it. The size travels in the structure, not in
+ * the ioctl number, so a structure can grow at its end:
+ *
+ *  - a @size below the size of the structure as first released (up to and
+ *    including its last mandatory field) is refused with EINVAL;
+ *  - bytes beyond the structure as the kernel knows it must be zero, or the
+ *    call fails with E2BIG;
+ *  - output fields are copied back up to the smaller of @size and the
+ *    kernel's structure.
+ *
+ * The second field is a __u32 @flags. Unknown flags are refused with EINVAL,
+ * and so is any non-zero field documented "Must be zero". A failing call
+ * changes nothing.
+ *
+ * Every object is a file descriptor (an anonymous inode, created O_CLOEXEC):
+ * /dev/kvmlu creates descriptor tables, and an object lives as long as a
+ * file descriptor or a mapping refers to it.
+ *
+ * Errors, as errno values:
+ *
+ *  - ENOTTY: the command is unknown, or not one of this file's commands
+ *    (for example a table command issued on /dev/kvmlu).
+ *  - EFAULT: the argument pointer, or a buffer it names, is not readable or
+ *    writable.
+ *  - EINVAL: @size below the minimum, unknown @flags, a non-zero reserved
+ *    field, a value outside its defined set, or a file descriptor of the
+ *    wrong type (for example one that is not an eventfd).
+ *  - E2BIG: @size beyond the kernel's structure with non-zero bytes there.
+ *  - ERANGE: a vCPU index at or beyond the table's vCPU count, a vector or
+ *    notification vector outside 32..255, or a vCPU count outside
+ *    1..KVMLU_MAX_VCPUS.
+ *  - EBADF: a file descriptor field that names no open file.
+ *  - ENOMEM, EMFILE, ENFILE: the kernel could not allocate the object or a
+ *    file descriptor for it.
+ *
+ * mmap() of a table returns EACCES for a writable mapping, EINVAL for a
+ * private mapping or one that extends beyond the table.
+ */
+
+/* Not used by any other subsystem; see ioctl-number.rst. */
+#define KVMLU_IOCTL_TYPE	0xB9
+
+/* Commands on /dev/kvmlu. */
+enum {
+	KVMLU_CMD_BASE = 0x00,
+	KVMLU_CMD_QUERY = KVMLU_CMD_BASE,
+	KVMLU_CMD_CREATE_TABLE = 0x01,
+};
+
+/* Commands on a table file descriptor. */
+enum {
+	KVMLU_TABLE_CMD_BASE = 0x20,
+	KVMLU_CMD_TABLE_SET_NOTIFY = KVMLU_TABLE_CMD_BASE,
+	KVMLU_CMD_TABLE_SET_SN = 0x21,
+	KVMLU_CMD_TABLE_PEEK = 0x22,
+	KVMLU_CMD_TABLE_FETCH = 0x23,
+	KVMLU_CMD_TABLE_POST = 0x24,
+};
+
+/* The version of this interface; QUERY reports it. */
+#define KVMLU_API_VERSION	1
+
+/* The largest vCPU count a table may have. */
+#define KVMLU_MAX_VCPUS		1024
+
+/* Vectors 0..31 are exceptions and are never posted. */
+#define KVMLU_VECTOR_MIN	32
+#define KVMLU_VECTOR_MAX	255
+#define KVMLU_NR_VECTORS	256
+
+/**
+ * struct kvmlu_pi_desc - a posted-interrupt descriptor, as a table holds it
+ * @pir: Posted Interrupt Requests: bit N of the 256-bit field (bit N % 64 of
+ *	@pir[N / 64]) is set while vector N is pending.
+ * @control: Outstanding Notification (ON, bit 0), Suppress Notification
+ *	(SN, bit 1), Notification Vector (NV, bits 16..23) and Notification
+ *	Destination (NDST, bits 32..63). All other bits are zero.
+ * @reserved: Zero.
+ *
+ * The layout is that of the Intel VT-d posted-interrupt descriptor: 64 bytes,
+ * and in a table each descriptor is 64-byte aligned (descriptor N of a table
+ * is at byte offset N * 64 of its mapping). The kernel updates @pir and
+ * @control with atomic operations; a reader of a mapping sees each 64-bit word
+ * atomically, but not the descriptor as a whole.
+ */
+struct kvmlu_pi_desc {
+	__aligned_u64 pir[4];
+	__aligned_u64 control;
+	__aligned_u64 reserved[3];
+};
+
+#define KVMLU_PI_ON_BIT		0
+#define KVMLU_PI_SN_BIT		1
+#define KVMLU_PI_NV_SHIFT	16
+#define KVMLU_PI_NV_MASK	0xffULL
+#define KVMLU_PI_NDST_SHIFT	32
+#define KVMLU_PI_NDST_MASK	0xffffffffULL
+
+#ifndef __cplusplus
+_Static_assert(sizeof(struct kvmlu_pi_desc) == 64,
+	       "a posted-interrupt descriptor is 64 bytes");
+_Static_assert(__builtin_offsetof(struct kvmlu_pi_desc, pir) == 0,
+	       "PIR at offset 0");
+_Static_assert(__builtin_offsetof(struct kvmlu_pi_desc, control) == 32,
+	       "control word at offset 32");
+#endif
+
+/**
+ * struct kvmlu_query - KVMLU_QUERY: what this kvmlu module offers
+ * @size: Input. sizeof(struct kvmlu_query).
+ * @flags: Input. Must be zero.
+ * @api_version: Output. KVMLU_API_VERSION of the running module.
+ * @max_vcpus: Output. The largest vCPU count of a table.
+ * @capabilities: Output. KVMLU_CAP_* bits.
+ * @nr_tables: Output. Tables that currently exist, in any process.
+ *
+ * Issued on /dev/kvmlu.
+ */
+struct kvmlu_query {
+	__u32 size;
+	__u32 flags;
+	__u32 api_version;
+	__u32 max_vcpus;
+	__aligned_u64 capabilities;
+	__aligned_u64 nr_tables;
+};
+
+/* Descriptor tables, their ioctls and a read-only mmap(). */
+#define KVMLU_CAP_TABLES	(1ULL << 0)
+
+#define KVMLU_QUERY _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_QUERY)
+
+/**
+ * struct kvmlu_create_table - KVMLU_CREATE_TABLE: a new descriptor table
+ * @size: Input. sizeof(struct kvmlu_create_table).
+ * @flags: Input. Must be zero.
+ * @nr_vcpus: Input. Descriptors in the table, 1..KVMLU_MAX_VCPUS.
+ * @fd: Output. The new table's file descriptor (O_CLOEXEC).
+ *
+ * Issued on /dev/kvmlu. Every descriptor starts zeroed: no vector pending,
+ * ON and SN clear, NV and NDST zero, and no notification target.
+ */
+struct kvmlu_create_table {
+	__u32 size;
+	__u32 flags;
+	__u32 nr_vcpus;
+	__s32 fd;
+};
+
+#define KVMLU_CREATE_TABLE _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_CREATE_TABLE)
+
+/**
+ * struct kvmlu_table_set_notify - KVMLU_TABLE_SET_NOTIFY: a vCPU's target
+ * @size: Input. sizeof(struct kvmlu_table_set_notify).
+ * @flags: Input. Must be zero.
+ * @vcpu: Input. The descriptor's index in the table.
+ * @eventfd: Input. The eventfd to signal when ON goes from 0 to 1, or -1 to
+ *	signal nothing. The table holds its own reference to the eventfd.
+ * @nv: Input. Notification Vector written to the descriptor, 32..255.
+ * @ndst: Input. Notification Destination written to the descriptor.
+ *
+ * Replaces the previous target. ON, SN and PIR are left as they are.
+ */
+struct kvmlu_table_set_notify {
+	__u32 size;
+	__u32 flags;
+	__u32 vcpu;
+	__s32 eventfd;
+	__u32 nv;
+	__u32 ndst;
+};
+
+#define KVMLU_TABLE_SET_NOTIFY _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_TABLE_SET_NOTIFY)
+
+/**
+ * struct kvmlu_table_set_sn - KVMLU_TABLE_SET_SN: suppress notifications
+ * @size: Input. sizeof(struct kvmlu_table_set_sn).
+ * @flags: Input. Must be zero.
+ * @vcpu: Input. The descriptor's index in the table.
+ * @suppress: Input. 1 sets SN, 0 clears it; other values are refused.
+ *
+ * While SN is set, a post sets its PIR bit and nothing else. Clearing SN
+ * while PIR holds a vector sets ON and, if ON was clear, signals the
+ * notification target, so nothing posted while suppressed stays unnoticed.
+ */
+struct kvmlu_table_set_sn {
+	__u32 size;
+	__u32 flags;
+	__u32 vcpu;
+	__u32 suppress;
+};
+
+#define KVMLU_TABLE_SET_SN _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_TABLE_SET_SN)
+
+/**
+ * struct kvmlu_table_peek - KVMLU_TABLE_PEEK: copy one descriptor
+ * @size: Input. sizeof(struct kvmlu_table_peek).
+ * @flags: Input. Must be zero.
+ * @vcpu: Input. The descriptor's index in the table.
+ * @reserved: Must be zero.
+ * @desc: Output. The descriptor, word by word. Nothing in it changes.
+ */
+struct kvmlu_table_peek {
+	__u32 size;
+	__u32 flags;
+	__u32 vcpu;
+	__u32 reserved;
+	struct kvmlu_pi_desc desc;
+};
+
+#define KVMLU_TABLE_PEEK _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_TABLE_PEEK)
+
+/**
+ * struct kvmlu_table_fetch - KVMLU_TABLE_FETCH: take the pending vectors
+ * @size: Input. sizeof(struct kvmlu_table_fetch).
+ * @flags: Input. Must be zero.
+ * @vcpu: Input. The descriptor's index in the table.
+ * @reserved: Must be zero.
+ * @pir: Output. The vectors that were pending, in the layout of
+ *	&kvmlu_pi_desc.pir.
+ *
+ * Clears ON, then exchanges each PIR word with zero. Each posted vector is
+ * returned by exactly one fetch: a vector posted during the fetch is either
+ * returned or left pending with ON set and the target signalled.
+ */
+struct kvmlu_table_fetch {
+	__u32 size;
+	__u32 flags;
+	__u32 vcpu;
+	__u32 reserved;
+	__aligned_u64 pir[4];
+};
+
+#define KVMLU_TABLE_FETCH _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_TABLE_FETCH)
+
+/**
+ * struct kvmlu_table_post - KVMLU_TABLE_POST: post a vector
+ * @size: Input. sizeof(struct kvmlu_table_post).
+ * @flags: Input. Must be zero.
+ * @vcpu: Input. The descriptor's index in the table.
+ * @vector: Input. The vector, 32..255.
+ * @result: Output. KVMLU_POST_* bits saying what the post did.
+ * @reserved: Must be zero.
+ *
+ * Posts exactly as an IRQ binding does: set the vector's PIR bit; if it was
+ * already set the post coalesces and ends there. Otherwise, unless SN is set,
+ * set ON, and if ON was clear signal the notification target.
+ */
+struct kvmlu_table_post {
+	__u32 size;
+	__u32 flags;
+	__u32 vcpu;
+	__u32 vector;
+	__u32 result;
+	__u32 reserved;
+};
+
+/* The vector was pending already: nothing else was done. */
+#define KVMLU_POST_COALESCED	(1U << 0)
+/* SN was set: the PIR bit is set, ON is not, nobody was signalled. */
+#define KVMLU_POST_SUPPRESSED	(1U << 1)
+/* ON went from 0 to 1 and the notification target, if any, was signalled. */
+#define KVMLU_POST_NOTIFIED	(1U << 2)
+
+#define KVMLU_TABLE_POST _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_TABLE_POST)
+
+#endif /* _UAPI_LINUX_KVMLU_H */

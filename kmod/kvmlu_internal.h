@@ -1,0 +1,144 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * kvmlu: what the parts of kvmlu.ko share.
+ */
+#ifndef _KVMLU_INTERNAL_H
+#define _KVMLU_INTERNAL_H
+
+#include <linux/atomic.h>
+#include <linux/fs.h>
+#include <linux/irq_work.h>
+#include <linux/kref.h>
+#include <linux/spinlock.h>
+#include <linux/types.h>
+#include <linux/kvmlu.h>
+
+#if BITS_PER_LONG != 64
+#error "kvmlu addresses PIR and control words as unsigned long bitmaps"
+#endif
+
+/**
+ * struct kvmlu_ucmd - one ioctl call as the dispatcher hands it over
+ * @ubuffer: The user's argument.
+ * @user_size: The size the user passed in the structure's first field.
+ * @cmd: The kernel's copy of the argument, already checked for an unknown
+ *	non-zero tail.
+ * @obj: The object of the file the ioctl was issued on (NULL for
+ *	/dev/kvmlu, a &struct kvmlu_table for a table).
+ */
+struct kvmlu_ucmd {
+	void __user *ubuffer;
+	u32 user_size;
+	void *cmd;
+	void *obj;
+};
+
+/**
+ * struct kvmlu_ioctl_op - one entry of an ioctl dispatch table
+ * @size: sizeof() the command's structure as this module knows it.
+ * @min_size: The smallest size userspace may pass: offsetofend() of the last
+ *	field of the structure as first released.
+ * @ioctl_num: The full ioctl request number.
+ * @execute: The handler; runs in process context, may sleep.
+ */
+struct kvmlu_ioctl_op {
+	unsigned int size;
+	unsigned int min_size;
+	unsigned int ioctl_num;
+	int (*execute)(struct kvmlu_ucmd *ucmd);
+};
+
+#define KVMLU_IOCTL_OP(_base, _ioctl, _fn, _struct, _last)		\
+	[_IOC_NR(_ioctl) - (_base)] = {					\
+		.size = sizeof(_struct) +				\
+			BUILD_BUG_ON_ZERO(sizeof(union kvmlu_ucmd_buffer) < \
+					  sizeof(_struct)),		\
+		.min_size = offsetofend(_struct, _last),		\
+		.ioctl_num = _ioctl,					\
+		.execute = _fn,						\
+	}
+
+/* Large enough for the argument of any kvmlu ioctl. */
+union kvmlu_ucmd_buffer {
+	struct kvmlu_query query;
+	struct kvmlu_create_table create_table;
+	struct kvmlu_table_set_notify set_notify;
+	struct kvmlu_table_set_sn set_sn;
+	struct kvmlu_table_peek peek;
+	struct kvmlu_table_fetch fetch;
+	struct kvmlu_table_post post;
+};
+
+long kvmlu_ioctl_dispatch(const struct kvmlu_ioctl_op *ops, size_t nr_ops,
+			  unsigned int base, unsigned int cmd,
+			  unsigned long arg, void *obj);
+int kvmlu_ucmd_respond(struct kvmlu_ucmd *ucmd, size_t size);
+
+/**
+ * struct kvmlu_vcpu - the kernel's side of one descriptor
+ * @notify: The eventfd signalled when ON goes from 0 to 1, or NULL.
+ *	Protected by &kvmlu_table.lock.
+ * @notify_work: Signals @notify from a context where signalling an eventfd
+ *	directly could nest one eventfd's wait-queue lock inside another's
+ *	(the wakeup callback of an IRQ binding).
+ * @deferred: Notifications queued for @notify_work and not yet sent, so that
+ *	the target sees one signal per ON transition even when the work runs
+ *	once for several. Atomic; no lock.
+ * @table: The table this vCPU belongs to, for @notify_work.
+ */
+struct kvmlu_vcpu {
+	struct eventfd_ctx *notify;
+	struct irq_work notify_work;
+	atomic_t deferred;
+	struct kvmlu_table *table;
+};
+
+/**
+ * struct kvmlu_table_stats - what the posting engine did, per table
+ * @posted: Posts that set a PIR bit that was clear.
+ * @coalesced: Posts of a vector that was already pending.
+ * @notified: Posts that moved ON from 0 to 1.
+ * @suppressed: Posts that set a PIR bit while SN was set.
+ *
+ * Updated with atomic operations from any context; no lock.
+ */
+struct kvmlu_table_stats {
+	atomic64_t posted;
+	atomic64_t coalesced;
+	atomic64_t notified;
+	atomic64_t suppressed;
+};
+
+/**
+ * struct kvmlu_table - a table of posted-interrupt descriptors
+ * @ref: Keeps the table alive; the table file holds one reference.
+ * @nr_vcpus: Number of descriptors; fixed at creation.
+ * @desc: The descriptors, @nr_vcpus of them in physically contiguous,
+ *	page-aligned memory that never moves. PIR and control words change
+ *	only through atomic operations (see kvmlu_post()); NV and NDST are
+ *	written with a compare-and-exchange of the control word under @lock.
+ * @desc_order: Allocation order of @desc.
+ * @lock: Protects each &kvmlu_vcpu.notify and serialises writers of NV and
+ *	NDST. Taken with interrupts disabled: @notify_work takes it in hard
+ *	interrupt context.
+ * @stats: Posting counters.
+ * @vcpus: Per-descriptor kernel state, @nr_vcpus entries.
+ */
+struct kvmlu_table {
+	struct kref ref;
+	u32 nr_vcpus;
+	struct kvmlu_pi_desc *desc;
+	unsigned int desc_order;
+	spinlock_t lock; /* see above */
+	struct kvmlu_table_stats stats;
+	struct kvmlu_vcpu vcpus[];
+};
+
+extern const struct kvmlu_ioctl_op kvmlu_table_ops[];
+extern const size_t kvmlu_nr_table_ops;
+
+int kvmlu_table_create(u32 nr_vcpus, struct file **filep);
+long kvmlu_table_count(void);
+u32 kvmlu_post(struct kvmlu_table *table, u32 vcpu, u32 vector, bool defer);
+
+#endif /* _KVMLU_INTERNAL_H */

@@ -1,0 +1,184 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * kvmlu: the persistent base module.
+ *
+ * /dev/kvmlu creates descriptor tables. Each object is an anonymous-inode file
+ * that holds a reference on this module, so the module cannot be unloaded
+ * while any object exists: delete_module() fails with EBUSY until the last
+ * file descriptor and mapping are gone.
+ */
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
+#include <linux/file.h>
+#include <linux/fs.h>
+#include <linux/miscdevice.h>
+#include <linux/module.h>
+#include <linux/uaccess.h>
+
+#include "kvmlu_internal.h"
+
+/**
+ * kvmlu_ioctl_dispatch() - run one ioctl through a dispatch table
+ * @ops: The file's commands, indexed by ioctl number minus @base.
+ * @nr_ops: Entries in @ops.
+ * @base: The number of the first command in @ops.
+ * @cmd: The ioctl request.
+ * @arg: The user's argument.
+ * @obj: The file's object, passed to the handler.
+ *
+ * Validates the request number and the size, copies the argument in with
+ * copy_struct_from_user() (E2BIG for a non-zero unknown tail) and calls the
+ * handler.
+ *
+ * Return: the handler's result or a negative errno.
+ */
+long kvmlu_ioctl_dispatch(const struct kvmlu_ioctl_op *ops, size_t nr_ops,
+			  unsigned int base, unsigned int cmd,
+			  unsigned long arg, void *obj)
+{
+	union kvmlu_ucmd_buffer buf;
+	const struct kvmlu_ioctl_op *op;
+	struct kvmlu_ucmd ucmd = {
+		.ubuffer = (void __user *)arg,
+		.cmd = &buf,
+		.obj = obj,
+	};
+	unsigned int nr = _IOC_NR(cmd);
+	int ret;
+
+	if (_IOC_TYPE(cmd) != KVMLU_IOCTL_TYPE || nr < base ||
+	    nr - base >= nr_ops)
+		return -ENOTTY;
+	op = &ops[nr - base];
+	if (op->ioctl_num != cmd)
+		return -ENOTTY;
+
+	ret = get_user(ucmd.user_size, (u32 __user *)ucmd.ubuffer);
+	if (ret)
+		return ret;
+	if (ucmd.user_size < op->min_size)
+		return -EINVAL;
+	ret = copy_struct_from_user(&buf, op->size, ucmd.ubuffer,
+				    ucmd.user_size);
+	if (ret)
+		return ret;
+	return op->execute(&ucmd);
+}
+
+/**
+ * kvmlu_ucmd_respond() - copy a command's output fields back to the user
+ * @ucmd: The command.
+ * @size: sizeof() the command's structure.
+ *
+ * Copies no more than the user passed in, so an older caller with a shorter
+ * structure gets the fields it knows.
+ *
+ * Return: 0 or -EFAULT.
+ */
+int kvmlu_ucmd_respond(struct kvmlu_ucmd *ucmd, size_t size)
+{
+	size_t len = min_t(size_t, size, ucmd->user_size);
+
+	if (copy_to_user(ucmd->ubuffer, ucmd->cmd, len))
+		return -EFAULT;
+	return 0;
+}
+
+static int kvmlu_query(struct kvmlu_ucmd *ucmd)
+{
+	struct kvmlu_query *q = ucmd->cmd;
+
+	if (q->flags)
+		return -EINVAL;
+	q->api_version = KVMLU_API_VERSION;
+	q->max_vcpus = KVMLU_MAX_VCPUS;
+	q->capabilities = KVMLU_CAP_TABLES;
+	q->nr_tables = kvmlu_table_count();
+	return kvmlu_ucmd_respond(ucmd, sizeof(*q));
+}
+
+static int kvmlu_create_table(struct kvmlu_ucmd *ucmd)
+{
+	struct kvmlu_create_table *ct = ucmd->cmd;
+	struct file *file;
+	int fd, ret;
+
+	if (ct->flags)
+		return -EINVAL;
+	if (ct->nr_vcpus < 1 || ct->nr_vcpus > KVMLU_MAX_VCPUS)
+		return -ERANGE;
+
+	fd = get_unused_fd_flags(O_CLOEXEC);
+	if (fd < 0)
+		return fd;
+	ret = kvmlu_table_create(ct->nr_vcpus, &file);
+	if (ret)
+		goto err_put_fd;
+
+	ct->fd = fd;
+	ret = kvmlu_ucmd_respond(ucmd, sizeof(*ct));
+	if (ret)
+		goto err_put_file;
+	fd_install(fd, file);
+	return 0;
+
+err_put_file:
+	fput(file);
+err_put_fd:
+	put_unused_fd(fd);
+	return ret;
+}
+
+static const struct kvmlu_ioctl_op kvmlu_dev_ops[] = {
+	KVMLU_IOCTL_OP(KVMLU_CMD_BASE, KVMLU_QUERY, kvmlu_query,
+		       struct kvmlu_query, nr_tables),
+	KVMLU_IOCTL_OP(KVMLU_CMD_BASE, KVMLU_CREATE_TABLE, kvmlu_create_table,
+		       struct kvmlu_create_table, fd),
+};
+
+static long kvmlu_dev_ioctl(struct file *file, unsigned int cmd,
+			    unsigned long arg)
+{
+	return kvmlu_ioctl_dispatch(kvmlu_dev_ops, ARRAY_SIZE(kvmlu_dev_ops),
+				    KVMLU_CMD_BASE, cmd, arg, NULL);
+}
+
+static const struct file_operations kvmlu_dev_fops = {
+	.owner = THIS_MODULE,
+	.open = nonseekable_open,
+	.unlocked_ioctl = kvmlu_dev_ioctl,
+	.compat_ioctl = compat_ptr_ioctl,
+	.llseek = noop_llseek,
+};
+
+static struct miscdevice kvmlu_miscdev = {
+	.minor = MISC_DYNAMIC_MINOR,
+	.name = "kvmlu",
+	.fops = &kvmlu_dev_fops,
+	.mode = 0600,
+};
+
+static int __init kvmlu_init(void)
+{
+	int ret;
+
+	ret = misc_register(&kvmlu_miscdev);
+	if (ret) {
+		pr_err("cannot register /dev/kvmlu: %d\n", ret);
+		return ret;
+	}
+	pr_info("API version %d, up to %d vCPUs a table\n",
+		KVMLU_API_VERSION, KVMLU_MAX_VCPUS);
+	return 0;
+}
+
+static void __exit kvmlu_exit(void)
+{
+	misc_deregister(&kvmlu_miscdev);
+}
+
+module_init(kvmlu_init);
+module_exit(kvmlu_exit);
+
+MODULE_LICENSE("GPL");
+MODULE_DESCRIPTION("kvmlu: posted-interrupt descriptors that survive a VMM upgrade");

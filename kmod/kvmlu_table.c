@@ -1,0 +1,398 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * kvmlu: descriptor tables and the posting engine.
+ *
+ * A table is an array of VT-d posted-interrupt descriptors in pages that never
+ * move, so an interrupt-remapping entry could hold their physical address.
+ * Everything that changes PIR or the ON and SN bits goes through the atomic
+ * operations in this file; kvmlu_post() is the one posting engine, used by the
+ * POST ioctl and by IRQ bindings alike.
+ *
+ * Ordering: a post sets its PIR bit with a fully ordered test-and-set and only
+ * then looks at SN and ON. Clearing SN is followed by a full barrier and a look
+ * at PIR. Of a post and a concurrent SN clear, at least one sees the other, so
+ * a vector posted while SN goes away always ends with ON set and the target
+ * signalled. A fetch clears ON before it takes the PIR words, so a vector
+ * posted during a fetch is either taken or finds ON clear and signals.
+ */
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
+#include <linux/anon_inodes.h>
+#include <linux/bitops.h>
+#include <linux/eventfd.h>
+#include <linux/file.h>
+#include <linux/gfp.h>
+#include <linux/mm.h>
+#include <linux/slab.h>
+#include <linux/uaccess.h>
+
+#include "kvmlu_compat.h"
+#include "kvmlu_internal.h"
+
+#define KVMLU_PI_CONFIG_MASK \
+	((KVMLU_PI_NV_MASK << KVMLU_PI_NV_SHIFT) | \
+	 (KVMLU_PI_NDST_MASK << KVMLU_PI_NDST_SHIFT))
+
+/* Number of tables alive, for QUERY. */
+static atomic_long_t kvmlu_nr_tables = ATOMIC_LONG_INIT(0);
+
+long kvmlu_table_count(void)
+{
+	return atomic_long_read(&kvmlu_nr_tables);
+}
+
+static unsigned long *kvmlu_pir(struct kvmlu_pi_desc *desc)
+{
+	return (unsigned long *)desc->pir;
+}
+
+static unsigned long *kvmlu_ctl(struct kvmlu_pi_desc *desc)
+{
+	return (unsigned long *)&desc->control;
+}
+
+static bool kvmlu_pir_empty(struct kvmlu_pi_desc *desc)
+{
+	int i;
+
+	for (i = 0; i < ARRAY_SIZE(desc->pir); i++)
+		if (READ_ONCE(desc->pir[i]))
+			return false;
+	return true;
+}
+
+/*
+ * Signal @v's notification target @n times, if it has one. Takes
+ * &kvmlu_table.lock, so the target cannot be replaced and released meanwhile.
+ * Must not be called from the wakeup callback of another eventfd.
+ */
+static void kvmlu_signal(struct kvmlu_table *table, struct kvmlu_vcpu *v,
+			 unsigned int n)
+{
+	unsigned long flags;
+
+	spin_lock_irqsave(&table->lock, flags);
+	if (v->notify)
+		kvmlu_eventfd_signal(v->notify, n);
+	spin_unlock_irqrestore(&table->lock, flags);
+}
+
+static void kvmlu_notify_work(struct irq_work *work)
+{
+	struct kvmlu_vcpu *v = container_of(work, struct kvmlu_vcpu,
+					    notify_work);
+	unsigned int n = atomic_xchg(&v->deferred, 0);
+
+	if (n)
+		kvmlu_signal(v->table, v, n);
+}
+
+/*
+ * Tell @vcpu's owner that ON went from 0 to 1. With @defer, or where the
+ * eventfd core forbids nesting, the signal is sent from an irq_work: the
+ * caller may hold another eventfd's wait-queue lock.
+ */
+static void kvmlu_notify(struct kvmlu_table *table, u32 vcpu, bool defer)
+{
+	struct kvmlu_vcpu *v = &table->vcpus[vcpu];
+
+	atomic64_inc(&table->stats.notified);
+	if (defer || !eventfd_signal_allowed()) {
+		atomic_inc(&v->deferred);
+		irq_work_queue(&v->notify_work);
+		return;
+	}
+	kvmlu_signal(table, v, 1);
+}
+
+/**
+ * kvmlu_post() - post a vector to a descriptor
+ * @table: The table.
+ * @vcpu: The descriptor, below @table->nr_vcpus.
+ * @vector: The vector, KVMLU_VECTOR_MIN..KVMLU_VECTOR_MAX.
+ * @defer: Signal the notification target from an irq_work; set when the
+ *	caller runs inside an eventfd's wakeup callback.
+ *
+ * Any context; takes no lock unless it signals directly.
+ *
+ * Return: KVMLU_POST_* bits.
+ */
+u32 kvmlu_post(struct kvmlu_table *table, u32 vcpu, u32 vector, bool defer)
+{
+	struct kvmlu_pi_desc *desc = &table->desc[vcpu];
+
+	if (test_and_set_bit(vector, kvmlu_pir(desc))) {
+		atomic64_inc(&table->stats.coalesced);
+		return KVMLU_POST_COALESCED;
+	}
+	atomic64_inc(&table->stats.posted);
+	/* The test-and-set above is fully ordered: see the file comment. */
+	if (test_bit(KVMLU_PI_SN_BIT, kvmlu_ctl(desc))) {
+		atomic64_inc(&table->stats.suppressed);
+		return KVMLU_POST_SUPPRESSED;
+	}
+	if (test_and_set_bit(KVMLU_PI_ON_BIT, kvmlu_ctl(desc)))
+		return 0;
+	kvmlu_notify(table, vcpu, defer);
+	return KVMLU_POST_NOTIFIED;
+}
+
+static void kvmlu_table_free(struct kref *ref)
+{
+	struct kvmlu_table *table = container_of(ref, struct kvmlu_table, ref);
+	u32 i;
+
+	for (i = 0; i < table->nr_vcpus; i++) {
+		struct kvmlu_vcpu *v = &table->vcpus[i];
+
+		irq_work_sync(&v->notify_work);
+		if (v->notify)
+			eventfd_ctx_put(v->notify);
+	}
+	free_pages((unsigned long)table->desc, table->desc_order);
+	kvfree(table);
+	atomic_long_dec(&kvmlu_nr_tables);
+}
+
+static int kvmlu_table_release(struct inode *inode, struct file *file)
+{
+	struct kvmlu_table *table = file->private_data;
+
+	kref_put(&table->ref, kvmlu_table_free);
+	return 0;
+}
+
+static size_t kvmlu_table_bytes(const struct kvmlu_table *table)
+{
+	return PAGE_ALIGN(table->nr_vcpus * sizeof(struct kvmlu_pi_desc));
+}
+
+/*
+ * Userspace observes the descriptors through a shared read-only mapping;
+ * VM_MAYWRITE is dropped so mprotect() cannot make it writable later.
+ */
+static int kvmlu_table_mmap(struct file *file, struct vm_area_struct *vma)
+{
+	struct kvmlu_table *table = file->private_data;
+	unsigned long len = vma->vm_end - vma->vm_start;
+	unsigned long pages = kvmlu_table_bytes(table) >> PAGE_SHIFT;
+
+	if (vma->vm_flags & VM_WRITE)
+		return -EACCES;
+	if (!(vma->vm_flags & VM_MAYSHARE))
+		return -EINVAL;
+	if (vma->vm_pgoff >= pages ||
+	    len > (pages - vma->vm_pgoff) << PAGE_SHIFT)
+		return -EINVAL;
+
+	kvmlu_vma_flags(vma, VM_DONTEXPAND | VM_DONTDUMP, VM_MAYWRITE);
+	return remap_pfn_range(vma, vma->vm_start,
+			       page_to_pfn(virt_to_page(table->desc)) +
+			       vma->vm_pgoff, len, vma->vm_page_prot);
+}
+
+static int kvmlu_table_set_notify(struct kvmlu_ucmd *ucmd)
+{
+	struct kvmlu_table_set_notify *sn = ucmd->cmd;
+	struct kvmlu_table *table = ucmd->obj;
+	struct eventfd_ctx *ctx = NULL, *old;
+	struct kvmlu_pi_desc *desc;
+	unsigned long flags;
+	u64 ctl, cfg;
+
+	if (sn->flags)
+		return -EINVAL;
+	if (sn->vcpu >= table->nr_vcpus)
+		return -ERANGE;
+	if (sn->nv < KVMLU_VECTOR_MIN || sn->nv > KVMLU_VECTOR_MAX)
+		return -ERANGE;
+	if (sn->eventfd != -1) {
+		ctx = eventfd_ctx_fdget(sn->eventfd);
+		if (IS_ERR(ctx))
+			return PTR_ERR(ctx);
+	}
+
+	desc = &table->desc[sn->vcpu];
+	cfg = ((u64)sn->nv << KVMLU_PI_NV_SHIFT) |
+	      ((u64)sn->ndst << KVMLU_PI_NDST_SHIFT);
+
+	spin_lock_irqsave(&table->lock, flags);
+	old = table->vcpus[sn->vcpu].notify;
+	table->vcpus[sn->vcpu].notify = ctx;
+	/* ON and SN change under our feet; keep whatever they are. */
+	ctl = READ_ONCE(desc->control);
+	while (!try_cmpxchg64(&desc->control, &ctl,
+			      (ctl & ~KVMLU_PI_CONFIG_MASK) | cfg))
+		;
+	spin_unlock_irqrestore(&table->lock, flags);
+
+	if (old)
+		eventfd_ctx_put(old);
+	return 0;
+}
+
+static int kvmlu_table_set_sn(struct kvmlu_ucmd *ucmd)
+{
+	struct kvmlu_table_set_sn *ss = ucmd->cmd;
+	struct kvmlu_table *table = ucmd->obj;
+	struct kvmlu_pi_desc *desc;
+
+	if (ss->flags)
+		return -EINVAL;
+	if (ss->vcpu >= table->nr_vcpus)
+		return -ERANGE;
+	if (ss->suppress > 1)
+		return -EINVAL;
+
+	desc = &table->desc[ss->vcpu];
+	if (ss->suppress) {
+		set_bit(KVMLU_PI_SN_BIT, kvmlu_ctl(desc));
+		return 0;
+	}
+	clear_bit(KVMLU_PI_SN_BIT, kvmlu_ctl(desc));
+	/* Pairs with the test-and-set of PIR in kvmlu_post(). */
+	smp_mb__after_atomic();
+	if (!kvmlu_pir_empty(desc) &&
+	    !test_and_set_bit(KVMLU_PI_ON_BIT, kvmlu_ctl(desc)))
+		kvmlu_notify(table, ss->vcpu, false);
+	return 0;
+}
+
+static int kvmlu_table_peek(struct kvmlu_ucmd *ucmd)
+{
+	struct kvmlu_table_peek *pk = ucmd->cmd;
+	struct kvmlu_table *table = ucmd->obj;
+	struct kvmlu_pi_desc *desc;
+	int i;
+
+	if (pk->flags || pk->reserved)
+		return -EINVAL;
+	if (pk->vcpu >= table->nr_vcpus)
+		return -ERANGE;
+
+	desc = &table->desc[pk->vcpu];
+	for (i = 0; i < ARRAY_SIZE(desc->pir); i++)
+		pk->desc.pir[i] = READ_ONCE(desc->pir[i]);
+	pk->desc.control = READ_ONCE(desc->control);
+	memset(pk->desc.reserved, 0, sizeof(pk->desc.reserved));
+	return kvmlu_ucmd_respond(ucmd, sizeof(*pk));
+}
+
+static int kvmlu_table_fetch(struct kvmlu_ucmd *ucmd)
+{
+	struct kvmlu_table_fetch *fe = ucmd->cmd;
+	struct kvmlu_table *table = ucmd->obj;
+	struct kvmlu_pi_desc *desc;
+	int i;
+
+	if (fe->flags || fe->reserved)
+		return -EINVAL;
+	if (fe->vcpu >= table->nr_vcpus)
+		return -ERANGE;
+
+	desc = &table->desc[fe->vcpu];
+	clear_bit(KVMLU_PI_ON_BIT, kvmlu_ctl(desc));
+	/* ON is clear before any PIR word is taken: see the file comment. */
+	smp_mb__after_atomic();
+	for (i = 0; i < ARRAY_SIZE(desc->pir); i++)
+		fe->pir[i] = xchg(&desc->pir[i], 0);
+	return kvmlu_ucmd_respond(ucmd, sizeof(*fe));
+}
+
+static int kvmlu_table_post(struct kvmlu_ucmd *ucmd)
+{
+	struct kvmlu_table_post *po = ucmd->cmd;
+	struct kvmlu_table *table = ucmd->obj;
+
+	if (po->flags || po->reserved)
+		return -EINVAL;
+	if (po->vcpu >= table->nr_vcpus)
+		return -ERANGE;
+	if (po->vector < KVMLU_VECTOR_MIN || po->vector > KVMLU_VECTOR_MAX)
+		return -ERANGE;
+
+	po->result = kvmlu_post(table, po->vcpu, po->vector, false);
+	return kvmlu_ucmd_respond(ucmd, sizeof(*po));
+}
+
+const struct kvmlu_ioctl_op kvmlu_table_ops[] = {
+	KVMLU_IOCTL_OP(KVMLU_TABLE_CMD_BASE, KVMLU_TABLE_SET_NOTIFY,
+		       kvmlu_table_set_notify, struct kvmlu_table_set_notify,
+		       ndst),
+	KVMLU_IOCTL_OP(KVMLU_TABLE_CMD_BASE, KVMLU_TABLE_SET_SN,
+		       kvmlu_table_set_sn, struct kvmlu_table_set_sn, suppress),
+	KVMLU_IOCTL_OP(KVMLU_TABLE_CMD_BASE, KVMLU_TABLE_PEEK,
+		       kvmlu_table_peek, struct kvmlu_table_peek, desc),
+	KVMLU_IOCTL_OP(KVMLU_TABLE_CMD_BASE, KVMLU_TABLE_FETCH,
+		       kvmlu_table_fetch, struct kvmlu_table_fetch, pir),
+	KVMLU_IOCTL_OP(KVMLU_TABLE_CMD_BASE, KVMLU_TABLE_POST,
+		       kvmlu_table_post, struct kvmlu_table_post, reserved),
+};
+
+const size_t kvmlu_nr_table_ops = ARRAY_SIZE(kvmlu_table_ops);
+
+static long kvmlu_table_ioctl(struct file *file, unsigned int cmd,
+			      unsigned long arg)
+{
+	return kvmlu_ioctl_dispatch(kvmlu_table_ops, kvmlu_nr_table_ops,
+				    KVMLU_TABLE_CMD_BASE, cmd, arg,
+				    file->private_data);
+}
+
+static const struct file_operations kvmlu_table_fops = {
+	.owner = THIS_MODULE,
+	.release = kvmlu_table_release,
+	.unlocked_ioctl = kvmlu_table_ioctl,
+	.compat_ioctl = compat_ptr_ioctl,
+	.mmap = kvmlu_table_mmap,
+	.llseek = noop_llseek,
+};
+
+/**
+ * kvmlu_table_create() - allocate a table and the file that owns it
+ * @nr_vcpus: Descriptors, 1..KVMLU_MAX_VCPUS (checked by the caller).
+ * @filep: Where to store the new file.
+ *
+ * Return: 0 or a negative errno.
+ */
+int kvmlu_table_create(u32 nr_vcpus, struct file **filep)
+{
+	struct kvmlu_table *table;
+	struct file *file;
+	u32 i;
+	int ret;
+
+	table = kvzalloc(struct_size(table, vcpus, nr_vcpus), GFP_KERNEL);
+	if (!table)
+		return -ENOMEM;
+	kref_init(&table->ref);
+	spin_lock_init(&table->lock);
+	table->nr_vcpus = nr_vcpus;
+	table->desc_order = get_order(nr_vcpus * sizeof(*table->desc));
+	table->desc = (void *)__get_free_pages(GFP_KERNEL | __GFP_ZERO,
+					       table->desc_order);
+	if (!table->desc) {
+		ret = -ENOMEM;
+		goto err_free_table;
+	}
+	for (i = 0; i < nr_vcpus; i++) {
+		table->vcpus[i].table = table;
+		init_irq_work(&table->vcpus[i].notify_work, kvmlu_notify_work);
+	}
+
+	file = anon_inode_getfile("[kvmlu-table]", &kvmlu_table_fops, table,
+				  O_RDWR);
+	if (IS_ERR(file)) {
+		ret = PTR_ERR(file);
+		goto err_free_desc;
+	}
+	atomic_long_inc(&kvmlu_nr_tables);
+	*filep = file;
+	return 0;
+
+err_free_desc:
+	free_pages((unsigned long)table->desc, table->desc_order);
+err_free_table:
+	kvfree(table);
+	return ret;
+}

@@ -1,0 +1,1 @@
+"""kvmlu control plane."""

@@ -1,0 +1,24 @@
+"""cffi build script (API mode) for :mod:`pyctl._kvmlu_cffi`.
+
+The extension includes kvmlu's one uAPI header, so every structure layout and
+ioctl number Python uses is computed by the C compiler from that header.
+"""
+
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+UAPI_INCLUDE = HERE.parent / "kmod" / "include" / "uapi"
+
+ffibuilder = FFI()
+ffibuilder.cdef((HERE / "decl" / "kvmlu.h").read_text())
+ffibuilder.set_source(
+    "pyctl._kvmlu_cffi",
+    "#include <sys/ioctl.h>\n#include <linux/kvmlu.h>\n",
+    include_dirs=[str(UAPI_INCLUDE)],
+    depends=[str(UAPI_INCLUDE / "linux" / "kvmlu.h"), str(HERE / "decl" / "kvmlu.h")],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

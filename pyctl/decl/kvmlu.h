@@ -1,0 +1,119 @@
+/*
+ * What Python sees of <linux/kvmlu.h>. The layouts and values are not
+ * restated: "...;" and "..." make the C compiler fill them in from the real
+ * header when the cffi extension is built (see pyctl/_build.py).
+ */
+typedef unsigned int __u32;
+typedef int __s32;
+typedef unsigned long long __u64;
+
+#define KVMLU_IOCTL_TYPE ...
+#define KVMLU_API_VERSION ...
+#define KVMLU_MAX_VCPUS ...
+#define KVMLU_VECTOR_MIN ...
+#define KVMLU_VECTOR_MAX ...
+#define KVMLU_NR_VECTORS ...
+
+static const int KVMLU_CMD_BASE;
+static const int KVMLU_CMD_QUERY;
+static const int KVMLU_CMD_CREATE_TABLE;
+static const int KVMLU_TABLE_CMD_BASE;
+static const int KVMLU_CMD_TABLE_SET_NOTIFY;
+static const int KVMLU_CMD_TABLE_SET_SN;
+static const int KVMLU_CMD_TABLE_PEEK;
+static const int KVMLU_CMD_TABLE_FETCH;
+static const int KVMLU_CMD_TABLE_POST;
+
+#define KVMLU_QUERY ...
+#define KVMLU_CREATE_TABLE ...
+#define KVMLU_TABLE_SET_NOTIFY ...
+#define KVMLU_TABLE_SET_SN ...
+#define KVMLU_TABLE_PEEK ...
+#define KVMLU_TABLE_FETCH ...
+#define KVMLU_TABLE_POST ...
+
+#define KVMLU_CAP_TABLES ...
+
+#define KVMLU_PI_ON_BIT ...
+#define KVMLU_PI_SN_BIT ...
+#define KVMLU_PI_NV_SHIFT ...
+#define KVMLU_PI_NV_MASK ...
+#define KVMLU_PI_NDST_SHIFT ...
+#define KVMLU_PI_NDST_MASK ...
+
+#define KVMLU_POST_COALESCED ...
+#define KVMLU_POST_SUPPRESSED ...
+#define KVMLU_POST_NOTIFIED ...
+
+struct kvmlu_pi_desc {
+	__u64 pir[4];
+	__u64 control;
+	__u64 reserved[3];
+	...;
+};
+
+struct kvmlu_query {
+	__u32 size;
+	__u32 flags;
+	__u32 api_version;
+	__u32 max_vcpus;
+	__u64 capabilities;
+	__u64 nr_tables;
+	...;
+};
+
+struct kvmlu_create_table {
+	__u32 size;
+	__u32 flags;
+	__u32 nr_vcpus;
+	__s32 fd;
+	...;
+};
+
+struct kvmlu_table_set_notify {
+	__u32 size;
+	__u32 flags;
+	__u32 vcpu;
+	__s32 eventfd;
+	__u32 nv;
+	__u32 ndst;
+	...;
+};
+
+struct kvmlu_table_set_sn {
+	__u32 size;
+	__u32 flags;
+	__u32 vcpu;
+	__u32 suppress;
+	...;
+};
+
+struct kvmlu_table_peek {
+	__u32 size;
+	__u32 flags;
+	__u32 vcpu;
+	__u32 reserved;
+	struct kvmlu_pi_desc desc;
+	...;
+};
+
+struct kvmlu_table_fetch {
+	__u32 size;
+	__u32 flags;
+	__u32 vcpu;
+	__u32 reserved;
+	__u64 pir[4];
+	...;
+};
+
+struct kvmlu_table_post {
+	__u32 size;
+	__u32 flags;
+	__u32 vcpu;
+	__u32 vector;
+	__u32 result;
+	__u32 reserved;
+	...;
+};
+
+int ioctl(int fd, unsigned long request, ...);

@@ -1,0 +1,95 @@
+"""Exceptions raised by pyctl.
+
+Every failure of a kvmlu ioctl is raised as a subclass of one root, chosen by
+errno in one table (:data:`ERRNO_CLASSES`) rather than at each call site::
+
+    KvmluError (OSError)
+     +-- UnknownCommandError        ENOTTY: not a command of this file
+     +-- InvalidArgumentError       EINVAL: size, flags, reserved, wrong fd type
+     +-- StructTooBigError          E2BIG: unknown non-zero tail
+     +-- OutOfRangeError            ERANGE: vCPU, vector or count out of range
+     +-- BadFileDescriptorError     EBADF: an fd field names no open file
+     +-- PermissionDeniedError      EACCES, EPERM
+     +-- BusyError                  EBUSY
+     +-- NotFoundError              ENOENT
+     +-- ExistsError                EEXIST
+     +-- OutOfMemoryError           ENOMEM
+     +-- ClosedError                the Python object was closed already
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+
+class KvmluError(OSError):
+    """Root of every error pyctl raises for a kvmlu object."""
+
+
+class UnknownCommandError(KvmluError):
+    """ENOTTY: the ioctl is not one of this file's commands."""
+
+
+class InvalidArgumentError(KvmluError):
+    """EINVAL: malformed argument (size, flags, reserved field, fd type)."""
+
+
+class StructTooBigError(KvmluError):
+    """E2BIG: the structure is larger than the kernel's, with a non-zero tail."""
+
+
+class OutOfRangeError(KvmluError):
+    """ERANGE: a vCPU, vector or count outside its range."""
+
+
+class BadFileDescriptorError(KvmluError):
+    """EBADF: an fd field names no open file."""
+
+
+class PermissionDeniedError(KvmluError):
+    """EACCES or EPERM."""
+
+
+class BusyError(KvmluError):
+    """EBUSY: the object is in use."""
+
+
+class NotFoundError(KvmluError):
+    """ENOENT: no such object."""
+
+
+class ExistsError(KvmluError):
+    """EEXIST: the object exists already."""
+
+
+class OutOfMemoryError(KvmluError):
+    """ENOMEM."""
+
+
+class ClosedError(KvmluError):
+    """The Python object was closed; its fd is gone."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(errno.EBADF, f"{what} is closed")
+
+
+ERRNO_CLASSES: dict[int, type[KvmluError]] = {
+    errno.ENOTTY: UnknownCommandError,
+    errno.EINVAL: InvalidArgumentError,
+    errno.E2BIG: StructTooBigError,
+    errno.ERANGE: OutOfRangeError,
+    errno.EBADF: BadFileDescriptorError,
+    errno.EACCES: PermissionDeniedError,
+    errno.EPERM: PermissionDeniedError,
+    errno.EBUSY: BusyError,
+    errno.ENOENT: NotFoundError,
+    errno.EEXIST: ExistsError,
+    errno.ENOMEM: OutOfMemoryError,
+}
+
+
+def error_for(err: int, what: str) -> KvmluError:
+    """Return the exception for errno ``err`` raised by the operation ``what``."""
+    cls = ERRNO_CLASSES.get(err, KvmluError)
+    return cls(err, f"{what}: {os.strerror(err)}")
