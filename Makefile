@@ -50,7 +50,7 @@ $(STAMPS)/apt: Makefile
 
 # The venv with the package (the cffi extension is built here) and its test tools.
 venv: $(STAMPS)/venv
-$(STAMPS)/venv: $(STAMPS)/apt pyproject.toml setup.py pyctl/_build.py pyctl/decl/kvmlu.h \
+$(STAMPS)/venv: $(STAMPS)/apt pyproject.toml setup.py pyctl/_build.py $(wildcard pyctl/decl/*.h) \
 		kmod/include/uapi/linux/kvmlu.h
 	@mkdir -p $(STAMPS)
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)

@@ -9,6 +9,8 @@
 #include <linux/fs.h>
 #include <linux/irq_work.h>
 #include <linux/kref.h>
+#include <linux/list.h>
+#include <linux/mutex.h>
 #include <linux/spinlock.h>
 #include <linux/types.h>
 #include <linux/kvmlu.h>
@@ -67,6 +69,9 @@ union kvmlu_ucmd_buffer {
 	struct kvmlu_table_peek peek;
 	struct kvmlu_table_fetch fetch;
 	struct kvmlu_table_post post;
+	struct kvmlu_table_bind bind;
+	struct kvmlu_table_info table_info;
+	struct kvmlu_binding_info binding_info;
 };
 
 long kvmlu_ioctl_dispatch(const struct kvmlu_ioctl_op *ops, size_t nr_ops,
@@ -94,20 +99,27 @@ struct kvmlu_vcpu {
 };
 
 /**
- * struct kvmlu_table_stats - what the posting engine did, per table
+ * struct kvmlu_counters - what the posting engine did, per table or binding
+ * @signals: Posts asked for.
  * @posted: Posts that set a PIR bit that was clear.
  * @coalesced: Posts of a vector that was already pending.
- * @notified: Posts that moved ON from 0 to 1.
+ * @notified: ON transitions from 0 to 1.
  * @suppressed: Posts that set a PIR bit while SN was set.
  *
- * Updated with atomic operations from any context; no lock.
+ * The meaning of each is that of &struct kvmlu_stats. Updated with atomic
+ * operations from any context; no lock. A reader sees each counter
+ * atomically, not all of them at one instant.
  */
-struct kvmlu_table_stats {
+struct kvmlu_counters {
+	atomic64_t signals;
 	atomic64_t posted;
 	atomic64_t coalesced;
 	atomic64_t notified;
 	atomic64_t suppressed;
 };
+
+void kvmlu_counters_account(struct kvmlu_counters *c, u32 result, u64 count);
+void kvmlu_counters_read(struct kvmlu_counters *c, struct kvmlu_stats *out);
 
 /**
  * struct kvmlu_table - a table of posted-interrupt descriptors
@@ -121,7 +133,11 @@ struct kvmlu_table_stats {
  * @lock: Protects each &kvmlu_vcpu.notify and serialises writers of NV and
  *	NDST. Taken with interrupts disabled: @notify_work takes it in hard
  *	interrupt context.
- * @stats: Posting counters.
+ * @counters: Posting counters over all bindings and POST calls.
+ * @bind_lock: Protects @bindings and @nr_bindings. A mutex: bind and unbind
+ *	sleep (they poll and unhook an eventfd).
+ * @bindings: The &kvmlu_binding objects attached, via their @link.
+ * @nr_bindings: Entries in @bindings.
  * @vcpus: Per-descriptor kernel state, @nr_vcpus entries.
  */
 struct kvmlu_table {
@@ -130,7 +146,10 @@ struct kvmlu_table {
 	struct kvmlu_pi_desc *desc;
 	unsigned int desc_order;
 	spinlock_t lock; /* see above */
-	struct kvmlu_table_stats stats;
+	struct kvmlu_counters counters;
+	struct mutex bind_lock; /* see above */
+	struct list_head bindings;
+	u32 nr_bindings;
 	struct kvmlu_vcpu vcpus[];
 };
 
@@ -139,6 +158,11 @@ extern const size_t kvmlu_nr_table_ops;
 
 int kvmlu_table_create(u32 nr_vcpus, struct file **filep);
 long kvmlu_table_count(void);
-u32 kvmlu_post(struct kvmlu_table *table, u32 vcpu, u32 vector, bool defer);
+void kvmlu_table_get(struct kvmlu_table *table);
+void kvmlu_table_put(struct kvmlu_table *table);
+u32 kvmlu_post(struct kvmlu_table *table, u32 vcpu, u32 vector, u64 count,
+	       bool defer);
+
+int kvmlu_table_bind(struct kvmlu_ucmd *ucmd);
 
 #endif /* _KVMLU_INTERNAL_H */

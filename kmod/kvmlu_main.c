@@ -92,7 +92,7 @@ static int kvmlu_query(struct kvmlu_ucmd *ucmd)
 		return -EINVAL;
 	q->api_version = KVMLU_API_VERSION;
 	q->max_vcpus = KVMLU_MAX_VCPUS;
-	q->capabilities = KVMLU_CAP_TABLES;
+	q->capabilities = KVMLU_CAP_TABLES | KVMLU_CAP_BINDINGS;
 	q->nr_tables = kvmlu_table_count();
 	return kvmlu_ucmd_respond(ucmd, sizeof(*q));
 }

@@ -6,7 +6,7 @@
  * move, so an interrupt-remapping entry could hold their physical address.
  * Everything that changes PIR or the ON and SN bits goes through the atomic
  * operations in this file; kvmlu_post() is the one posting engine, used by the
- * POST ioctl and by IRQ bindings alike.
+ * POST ioctl and by IRQ bindings (kvmlu_binding.c) alike.
  *
  * Ordering: a post sets its PIR bit with a fully ordered test-and-set and only
  * then looks at SN and ON. Clearing SN is followed by a full barrier and a look
@@ -96,7 +96,6 @@ static void kvmlu_notify(struct kvmlu_table *table, u32 vcpu, bool defer)
 {
 	struct kvmlu_vcpu *v = &table->vcpus[vcpu];
 
-	atomic64_inc(&table->stats.notified);
 	if (defer || !eventfd_signal_allowed()) {
 		atomic_inc(&v->deferred);
 		irq_work_queue(&v->notify_work);
@@ -106,35 +105,73 @@ static void kvmlu_notify(struct kvmlu_table *table, u32 vcpu, bool defer)
 }
 
 /**
- * kvmlu_post() - post a vector to a descriptor
- * @table: The table.
- * @vcpu: The descriptor, below @table->nr_vcpus.
- * @vector: The vector, KVMLU_VECTOR_MIN..KVMLU_VECTOR_MAX.
- * @defer: Signal the notification target from an irq_work; set when the
- *	caller runs inside an eventfd's wakeup callback.
- *
- * Any context; takes no lock unless it signals directly.
- *
- * Return: KVMLU_POST_* bits.
+ * kvmlu_counters_account() - count one post
+ * @c: The counters.
+ * @result: What kvmlu_post() returned.
+ * @count: The signals it stood for: all but the first coalesced with it.
  */
-u32 kvmlu_post(struct kvmlu_table *table, u32 vcpu, u32 vector, bool defer)
+void kvmlu_counters_account(struct kvmlu_counters *c, u32 result, u64 count)
+{
+	bool rose = !(result & KVMLU_POST_COALESCED);
+
+	atomic64_add(count, &c->signals);
+	if (rose)
+		atomic64_inc(&c->posted);
+	if (count > rose)
+		atomic64_add(count - rose, &c->coalesced);
+	if (result & KVMLU_POST_NOTIFIED)
+		atomic64_inc(&c->notified);
+	if (result & KVMLU_POST_SUPPRESSED)
+		atomic64_inc(&c->suppressed);
+}
+
+void kvmlu_counters_read(struct kvmlu_counters *c, struct kvmlu_stats *out)
+{
+	out->signals = atomic64_read(&c->signals);
+	out->posted = atomic64_read(&c->posted);
+	out->coalesced = atomic64_read(&c->coalesced);
+	out->notified = atomic64_read(&c->notified);
+	out->suppressed = atomic64_read(&c->suppressed);
+}
+
+static u32 kvmlu_post_one(struct kvmlu_table *table, u32 vcpu, u32 vector,
+			  bool defer)
 {
 	struct kvmlu_pi_desc *desc = &table->desc[vcpu];
 
-	if (test_and_set_bit(vector, kvmlu_pir(desc))) {
-		atomic64_inc(&table->stats.coalesced);
+	if (test_and_set_bit(vector, kvmlu_pir(desc)))
 		return KVMLU_POST_COALESCED;
-	}
-	atomic64_inc(&table->stats.posted);
 	/* The test-and-set above is fully ordered: see the file comment. */
-	if (test_bit(KVMLU_PI_SN_BIT, kvmlu_ctl(desc))) {
-		atomic64_inc(&table->stats.suppressed);
+	if (test_bit(KVMLU_PI_SN_BIT, kvmlu_ctl(desc)))
 		return KVMLU_POST_SUPPRESSED;
-	}
 	if (test_and_set_bit(KVMLU_PI_ON_BIT, kvmlu_ctl(desc)))
 		return 0;
 	kvmlu_notify(table, vcpu, defer);
 	return KVMLU_POST_NOTIFIED;
+}
+
+/**
+ * kvmlu_post() - post a vector to a descriptor: the posting engine
+ * @table: The table.
+ * @vcpu: The descriptor, below @table->nr_vcpus.
+ * @vector: The vector, KVMLU_VECTOR_MIN..KVMLU_VECTOR_MAX.
+ * @count: How many signals this post stands for (at least 1); all but the
+ *	first coalesce with it.
+ * @defer: Signal the notification target from an irq_work; set when the
+ *	caller runs inside an eventfd's wakeup callback.
+ *
+ * Any context; takes no lock unless it signals directly. Counts the post in
+ * the table's counters.
+ *
+ * Return: KVMLU_POST_* bits.
+ */
+u32 kvmlu_post(struct kvmlu_table *table, u32 vcpu, u32 vector, u64 count,
+	       bool defer)
+{
+	u32 result = kvmlu_post_one(table, vcpu, vector, defer);
+
+	kvmlu_counters_account(&table->counters, result, count);
+	return result;
 }
 
 static void kvmlu_table_free(struct kref *ref)
@@ -149,16 +186,26 @@ static void kvmlu_table_free(struct kref *ref)
 		if (v->notify)
 			eventfd_ctx_put(v->notify);
 	}
+	WARN_ON(!list_empty(&table->bindings));
+	mutex_destroy(&table->bind_lock);
 	free_pages((unsigned long)table->desc, table->desc_order);
 	kvfree(table);
 	atomic_long_dec(&kvmlu_nr_tables);
 }
 
+void kvmlu_table_get(struct kvmlu_table *table)
+{
+	kref_get(&table->ref);
+}
+
+void kvmlu_table_put(struct kvmlu_table *table)
+{
+	kref_put(&table->ref, kvmlu_table_free);
+}
+
 static int kvmlu_table_release(struct inode *inode, struct file *file)
 {
-	struct kvmlu_table *table = file->private_data;
-
-	kref_put(&table->ref, kvmlu_table_free);
+	kvmlu_table_put(file->private_data);
 	return 0;
 }
 
@@ -253,8 +300,10 @@ static int kvmlu_table_set_sn(struct kvmlu_ucmd *ucmd)
 	/* Pairs with the test-and-set of PIR in kvmlu_post(). */
 	smp_mb__after_atomic();
 	if (!kvmlu_pir_empty(desc) &&
-	    !test_and_set_bit(KVMLU_PI_ON_BIT, kvmlu_ctl(desc)))
+	    !test_and_set_bit(KVMLU_PI_ON_BIT, kvmlu_ctl(desc))) {
+		atomic64_inc(&table->counters.notified);
 		kvmlu_notify(table, ss->vcpu, false);
+	}
 	return 0;
 }
 
@@ -311,8 +360,23 @@ static int kvmlu_table_post(struct kvmlu_ucmd *ucmd)
 	if (po->vector < KVMLU_VECTOR_MIN || po->vector > KVMLU_VECTOR_MAX)
 		return -ERANGE;
 
-	po->result = kvmlu_post(table, po->vcpu, po->vector, false);
+	po->result = kvmlu_post(table, po->vcpu, po->vector, 1, false);
 	return kvmlu_ucmd_respond(ucmd, sizeof(*po));
+}
+
+static int kvmlu_table_info(struct kvmlu_ucmd *ucmd)
+{
+	struct kvmlu_table_info *ti = ucmd->cmd;
+	struct kvmlu_table *table = ucmd->obj;
+
+	if (ti->flags)
+		return -EINVAL;
+	ti->nr_vcpus = table->nr_vcpus;
+	mutex_lock(&table->bind_lock);
+	ti->nr_bindings = table->nr_bindings;
+	mutex_unlock(&table->bind_lock);
+	kvmlu_counters_read(&table->counters, &ti->stats);
+	return kvmlu_ucmd_respond(ucmd, sizeof(*ti));
 }
 
 const struct kvmlu_ioctl_op kvmlu_table_ops[] = {
@@ -327,6 +391,10 @@ const struct kvmlu_ioctl_op kvmlu_table_ops[] = {
 		       kvmlu_table_fetch, struct kvmlu_table_fetch, pir),
 	KVMLU_IOCTL_OP(KVMLU_TABLE_CMD_BASE, KVMLU_TABLE_POST,
 		       kvmlu_table_post, struct kvmlu_table_post, reserved),
+	KVMLU_IOCTL_OP(KVMLU_TABLE_CMD_BASE, KVMLU_TABLE_BIND,
+		       kvmlu_table_bind, struct kvmlu_table_bind, fd),
+	KVMLU_IOCTL_OP(KVMLU_TABLE_CMD_BASE, KVMLU_TABLE_INFO,
+		       kvmlu_table_info, struct kvmlu_table_info, stats),
 };
 
 const size_t kvmlu_nr_table_ops = ARRAY_SIZE(kvmlu_table_ops);
@@ -367,6 +435,8 @@ int kvmlu_table_create(u32 nr_vcpus, struct file **filep)
 		return -ENOMEM;
 	kref_init(&table->ref);
 	spin_lock_init(&table->lock);
+	mutex_init(&table->bind_lock);
+	INIT_LIST_HEAD(&table->bindings);
 	table->nr_vcpus = nr_vcpus;
 	table->desc_order = get_order(nr_vcpus * sizeof(*table->desc));
 	table->desc = (void *)__get_free_pages(GFP_KERNEL | __GFP_ZERO,

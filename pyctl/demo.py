@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 from pyctl.kvmlu import Device, PostResult, Table
+from pyctl.status import print_status
 
 NR_VCPUS = 8
 NOTIFY_VECTOR = 0xF2
@@ -53,18 +54,18 @@ def run(dev: Device) -> int:
                         counts[flag] += bool(r & flag)
             signals = [_drain(fd) for fd in efds]
             print(f"8-vCPU table, fd {table.fd}, mapped read-only ({table.map_size} bytes)")
-            print("posts:", ", ".join(f"{f.name.lower()} {n}" for f, n in counts.items()))
+            print("posts:", ", ".join(f"{str(f.name).lower()} {n}" for f, n in counts.items()))
             print_table(table, signals)
             ok = all(table.pir(v) == expected[v] for v in range(NR_VCPUS))
             ok &= signals == [1] * 7 + [0]
             taken = table.fetch(0)
-            print(f"fetch vCPU 0 -> {{{', '.join(f'0x{x:02x}' for x in sorted(taken))}}};"
-                  f" now {table.view(0)}")
+            print(
+                f"fetch vCPU 0 -> {{{', '.join(f'0x{x:02x}' for x in sorted(taken))}}};"
+                f" now {table.view(0)}"
+            )
             ok &= taken == expected[0] and not table.pir(0) and not table.on(0)
             print("descriptors match the posts:", "yes" if ok else "NO")
             print()
-            from pyctl.cli import print_status
-
             print_status(dev)
             return 0 if ok else 1
     finally:

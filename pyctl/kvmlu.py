@@ -89,6 +89,43 @@ class Descriptor:
 
 
 @dataclass(frozen=True)
+class Stats:
+    """Posting counters (``struct kvmlu_stats``); signals == posted + coalesced."""
+
+    signals: int
+    posted: int
+    coalesced: int
+    notified: int
+    suppressed: int
+
+    @classmethod
+    def from_cdata(cls, s: Any) -> Stats:
+        return cls(
+            int(s.signals), int(s.posted), int(s.coalesced), int(s.notified), int(s.suppressed)
+        )
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """What KVMLU_TABLE_INFO reports."""
+
+    nr_vcpus: int
+    nr_bindings: int
+    stats: Stats
+
+
+@dataclass(frozen=True)
+class BindingInfo:
+    """What KVMLU_BINDING_INFO reports: the target and the counters."""
+
+    vcpu: int
+    vector: int
+    active: bool
+    hup: bool
+    stats: Stats
+
+
+@dataclass(frozen=True)
 class ApiInfo:
     """What KVMLU_QUERY reports."""
 
@@ -142,6 +179,23 @@ class _FdObject:
         return f"<{type(self).__name__} fd={self._fd}>"
 
 
+class Binding(_FdObject):
+    """An eventfd bound to (table, vCPU, vector): each signal posts the vector in the kernel."""
+
+    _what = "binding"
+
+    def info(self) -> BindingInfo:
+        arg = new_arg("kvmlu_binding_info")
+        ioctl(self.fd, lib.KVMLU_BINDING_INFO, arg)
+        return BindingInfo(
+            int(arg.vcpu),
+            int(arg.vector),
+            bool(arg.state & lib.KVMLU_BINDING_ACTIVE),
+            bool(arg.state & lib.KVMLU_BINDING_HUP),
+            Stats.from_cdata(arg.stats),
+        )
+
+
 class Table(_FdObject):
     """A descriptor table: ``nr_vcpus`` posted-interrupt descriptors."""
 
@@ -192,6 +246,18 @@ class Table(_FdObject):
         arg = new_arg("kvmlu_table_post", vcpu=vcpu, vector=vector)
         ioctl(self.fd, lib.KVMLU_TABLE_POST, arg)
         return PostResult(arg.result)
+
+    def bind(self, eventfd: int, vcpu: int, vector: int) -> Binding:
+        """Post ``vector`` to ``vcpu`` in the kernel each time ``eventfd`` is signalled."""
+        arg = new_arg("kvmlu_table_bind", eventfd=eventfd, vcpu=vcpu, vector=vector)
+        ioctl(self.fd, lib.KVMLU_TABLE_BIND, arg)
+        return Binding(int(arg.fd))
+
+    def info(self) -> TableInfo:
+        """The table's vCPU count, binding count and counters."""
+        arg = new_arg("kvmlu_table_info")
+        ioctl(self.fd, lib.KVMLU_TABLE_INFO, arg)
+        return TableInfo(int(arg.nr_vcpus), int(arg.nr_bindings), Stats.from_cdata(arg.stats))
 
     # The read-only mmap view.
 

@@ -28,6 +28,9 @@ REQUEST_NAMES: dict[int, str] = {
         "KVMLU_VECTOR_MAX",
         "KVMLU_NR_VECTORS",
         "KVMLU_TABLE_CMD_BASE",
+        "KVMLU_BINDING_CMD_BASE",
+        "KVMLU_BINDING_ACTIVE",
+        "KVMLU_BINDING_HUP",
     }
 }
 
@@ -41,15 +44,17 @@ def new_arg(struct: str, **fields: int) -> Any:
     return arg
 
 
-def ioctl(fd: int, request: int, arg: Any) -> int:
-    """Issue ``ioctl(fd, request, arg)``; ``arg`` is cdata or a writable buffer.
+def ioctl(fd: int, request: int, arg: Any, what: str | None = None) -> int:
+    """Issue ``ioctl(fd, request, arg)``; ``arg`` is cdata, a writable buffer or an int.
 
     The GIL is released during the call. Raises the :mod:`pyctl.errors` class
-    for the errno on failure and returns the ioctl's value otherwise.
+    for the errno on failure (naming the request, or ``what``) and returns the
+    ioctl's value otherwise.
     """
-    ptr = arg if isinstance(arg, ffi.CData) else ffi.from_buffer(arg)
-    ret: int = lib.ioctl(fd, request, ffi.cast("void *", ptr))
+    direct = isinstance(arg, (int, ffi.CData))
+    ptr = ffi.cast("void *", arg) if direct else ffi.from_buffer(arg)
+    ret: int = lib.ioctl(fd, request, ptr)
     if ret < 0:
         err = ffi.errno
-        raise error_for(err, REQUEST_NAMES.get(request, hex(request)))
+        raise error_for(err, what or REQUEST_NAMES.get(request, hex(request)))
     return ret

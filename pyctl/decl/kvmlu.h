@@ -23,6 +23,10 @@ static const int KVMLU_CMD_TABLE_SET_SN;
 static const int KVMLU_CMD_TABLE_PEEK;
 static const int KVMLU_CMD_TABLE_FETCH;
 static const int KVMLU_CMD_TABLE_POST;
+static const int KVMLU_CMD_TABLE_BIND;
+static const int KVMLU_CMD_TABLE_INFO;
+static const int KVMLU_BINDING_CMD_BASE;
+static const int KVMLU_CMD_BINDING_INFO;
 
 #define KVMLU_QUERY ...
 #define KVMLU_CREATE_TABLE ...
@@ -31,8 +35,14 @@ static const int KVMLU_CMD_TABLE_POST;
 #define KVMLU_TABLE_PEEK ...
 #define KVMLU_TABLE_FETCH ...
 #define KVMLU_TABLE_POST ...
+#define KVMLU_TABLE_BIND ...
+#define KVMLU_TABLE_INFO ...
+#define KVMLU_BINDING_INFO ...
 
 #define KVMLU_CAP_TABLES ...
+#define KVMLU_CAP_BINDINGS ...
+#define KVMLU_BINDING_ACTIVE ...
+#define KVMLU_BINDING_HUP ...
 
 #define KVMLU_PI_ON_BIT ...
 #define KVMLU_PI_SN_BIT ...
@@ -113,6 +123,45 @@ struct kvmlu_table_post {
 	__u32 vector;
 	__u32 result;
 	__u32 reserved;
+	...;
+};
+
+struct kvmlu_table_bind {
+	__u32 size;
+	__u32 flags;
+	__s32 eventfd;
+	__u32 vcpu;
+	__u32 vector;
+	__s32 fd;
+	...;
+};
+
+struct kvmlu_stats {
+	__u64 signals;
+	__u64 posted;
+	__u64 coalesced;
+	__u64 notified;
+	__u64 suppressed;
+	...;
+};
+
+struct kvmlu_table_info {
+	__u32 size;
+	__u32 flags;
+	__u32 nr_vcpus;
+	__u32 nr_bindings;
+	struct kvmlu_stats stats;
+	...;
+};
+
+struct kvmlu_binding_info {
+	__u32 size;
+	__u32 flags;
+	__u32 vcpu;
+	__u32 vector;
+	__u32 state;
+	__u32 reserved;
+	struct kvmlu_stats stats;
 	...;
 };
 

@@ -21,7 +21,8 @@ def test_modules_build_with_w1_without_warnings(tmp_path: Path) -> None:
     except Exception as e:  # no headers installed: make test installs them first
         pytest.skip(f"no kernel headers: {e}")
     shutil.copy(ROOT / "Kbuild", tmp_path / "Kbuild")
-    shutil.copytree(ROOT / "kmod", tmp_path / "kmod", ignore=shutil.ignore_patterns("*.o", "*.ko", ".*.cmd", "*.mod*"))
+    junk = shutil.ignore_patterns("*.o", "*.ko", ".*.cmd", "*.mod*")
+    shutil.copytree(ROOT / "kmod", tmp_path / "kmod", ignore=junk)
     r = subprocess.run(
         ["make", "-C", str(kernel.build_dir), f"M={tmp_path}", "W=1", "modules"],
         capture_output=True,

@@ -49,7 +49,13 @@ CMDS = [
         "table",
         {"vcpu": 1, "eventfd": -1, "nv": 0x55, "ndst": 9},
     ),
-    Cmd("SET_SN", lib.KVMLU_TABLE_SET_SN, "kvmlu_table_set_sn", "table", {"vcpu": 1, "suppress": 1}),
+    Cmd(
+        "SET_SN",
+        lib.KVMLU_TABLE_SET_SN,
+        "kvmlu_table_set_sn",
+        "table",
+        {"vcpu": 1, "suppress": 1},
+    ),
     Cmd("PEEK", lib.KVMLU_TABLE_PEEK, "kvmlu_table_peek", "table", {"vcpu": 1}, ("reserved",)),
     Cmd("FETCH", lib.KVMLU_TABLE_FETCH, "kvmlu_table_fetch", "table", {"vcpu": 1}, ("reserved",)),
     Cmd(

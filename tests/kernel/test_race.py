@@ -19,7 +19,7 @@ MAX_POSTS = 100_000
 
 
 def test_concurrent_post_and_fetch(dev: Device) -> None:
-    """Posters race a fetcher for a bounded time; fetched ∪ left == posted, each rise taken once."""
+    """Posters race a fetcher for a bounded time; fetched + left == posted, each rise taken once."""
     efds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(NR_VCPUS)]
     posted: list[set[tuple[int, int]]] = [set() for _ in range(POSTERS)]
     rises: list[Counter[int]] = [Counter() for _ in range(POSTERS)]  # PIR 0->1 per vCPU

@@ -32,8 +32,9 @@
  * changes nothing.
  *
  * Every object is a file descriptor (an anonymous inode, created O_CLOEXEC):
- * /dev/kvmlu creates descriptor tables, and an object lives as long as a
- * file descriptor or a mapping refers to it.
+ * /dev/kvmlu creates descriptor tables, a table creates IRQ bindings, and an
+ * object lives as long as a file descriptor, a mapping or another object
+ * refers to it (a binding keeps its table).
  *
  * Errors, as errno values:
  *
@@ -49,6 +50,7 @@
  *    notification vector outside 32..255, or a vCPU count outside
  *    1..KVMLU_MAX_VCPUS.
  *  - EBADF: a file descriptor field that names no open file.
+ *  - EBUSY: the eventfd is bound to this table already.
  *  - ENOMEM, EMFILE, ENFILE: the kernel could not allocate the object or a
  *    file descriptor for it.
  *
@@ -74,6 +76,14 @@ enum {
 	KVMLU_CMD_TABLE_PEEK = 0x22,
 	KVMLU_CMD_TABLE_FETCH = 0x23,
 	KVMLU_CMD_TABLE_POST = 0x24,
+	KVMLU_CMD_TABLE_BIND = 0x25,
+	KVMLU_CMD_TABLE_INFO = 0x26,
+};
+
+/* Commands on an IRQ binding file descriptor. */
+enum {
+	KVMLU_BINDING_CMD_BASE = 0x40,
+	KVMLU_CMD_BINDING_INFO = KVMLU_BINDING_CMD_BASE,
 };
 
 /* The version of this interface; QUERY reports it. */
@@ -146,6 +156,8 @@ struct kvmlu_query {
 
 /* Descriptor tables, their ioctls and a read-only mmap(). */
 #define KVMLU_CAP_TABLES	(1ULL << 0)
+/* IRQ bindings of eventfds to descriptors, and posting counters. */
+#define KVMLU_CAP_BINDINGS	(1ULL << 1)
 
 #define KVMLU_QUERY _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_QUERY)
 
@@ -282,5 +294,106 @@ struct kvmlu_table_post {
 #define KVMLU_POST_NOTIFIED	(1U << 2)
 
 #define KVMLU_TABLE_POST _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_TABLE_POST)
+
+/**
+ * struct kvmlu_table_bind - KVMLU_TABLE_BIND: post a vector on each signal
+ * @size: Input. sizeof(struct kvmlu_table_bind).
+ * @flags: Input. Must be zero.
+ * @eventfd: Input. The eventfd to consume, for example the MSI trigger
+ *	eventfd given to VFIO_DEVICE_SET_IRQS.
+ * @vcpu: Input. The descriptor's index in the table.
+ * @vector: Input. The vector to post, 32..255.
+ * @fd: Output. The binding's file descriptor (O_CLOEXEC).
+ *
+ * From now on, each time the eventfd is signalled the kernel drains its
+ * counter and posts @vector to @vcpu in its wakeup callback, as KVM's irqfd
+ * does; no userspace runs on that path. A counter of N read at once counts
+ * as N signals: the first posts, the others coalesce with it. A count that
+ * is pending when the binding is made is posted at once.
+ *
+ * The binding holds the table and the eventfd's context, not the eventfd's
+ * file: when the last file reference to the eventfd goes, the binding
+ * deactivates (&kvmlu_binding_info.state loses KVMLU_BINDING_ACTIVE) and
+ * posts nothing more. Closing the binding's fd detaches it. An eventfd can
+ * be bound to a table only once (EBUSY).
+ */
+struct kvmlu_table_bind {
+	__u32 size;
+	__u32 flags;
+	__s32 eventfd;
+	__u32 vcpu;
+	__u32 vector;
+	__s32 fd;
+};
+
+#define KVMLU_TABLE_BIND _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_TABLE_BIND)
+
+/**
+ * struct kvmlu_stats - what the posting engine did
+ * @signals: Posts asked for: eventfd counts consumed by bindings, and POST
+ *	calls. Always @posted + @coalesced.
+ * @posted: Posts that set a PIR bit that was clear.
+ * @coalesced: Posts of a vector that was already pending.
+ * @notified: Times ON went from 0 to 1 (after a post, or when SN was
+ *	cleared with vectors pending); each signals the target if one is set.
+ * @suppressed: Posts that set a PIR bit while SN was set.
+ *
+ * All fields are Output.
+ */
+struct kvmlu_stats {
+	__aligned_u64 signals;
+	__aligned_u64 posted;
+	__aligned_u64 coalesced;
+	__aligned_u64 notified;
+	__aligned_u64 suppressed;
+};
+
+/**
+ * struct kvmlu_table_info - KVMLU_TABLE_INFO: a table's size and counters
+ * @size: Input. sizeof(struct kvmlu_table_info).
+ * @flags: Input. Must be zero.
+ * @nr_vcpus: Output. Descriptors in the table.
+ * @nr_bindings: Output. Bindings attached to the table.
+ * @stats: Output. The table's counters, over all bindings and POST calls.
+ */
+struct kvmlu_table_info {
+	__u32 size;
+	__u32 flags;
+	__u32 nr_vcpus;
+	__u32 nr_bindings;
+	struct kvmlu_stats stats;
+};
+
+#define KVMLU_TABLE_INFO _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_TABLE_INFO)
+
+/**
+ * struct kvmlu_binding_info - KVMLU_BINDING_INFO: what a binding is bound to
+ * @size: Input. sizeof(struct kvmlu_binding_info).
+ * @flags: Input. Must be zero.
+ * @vcpu: Output. The descriptor the binding posts to.
+ * @vector: Output. The vector it posts.
+ * @state: Output. KVMLU_BINDING_* bits.
+ * @reserved: Output. Zero.
+ * @stats: Output. This binding's counters (@stats.signals counts eventfd
+ *	signals consumed).
+ *
+ * Issued on a binding's file descriptor.
+ */
+struct kvmlu_binding_info {
+	__u32 size;
+	__u32 flags;
+	__u32 vcpu;
+	__u32 vector;
+	__u32 state;
+	__u32 reserved;
+	struct kvmlu_stats stats;
+};
+
+/* The binding listens to its eventfd. */
+#define KVMLU_BINDING_ACTIVE	(1U << 0)
+/* The eventfd's last file reference went: the binding is inactive. */
+#define KVMLU_BINDING_HUP	(1U << 1)
+
+#define KVMLU_BINDING_INFO _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_BINDING_INFO)
 
 #endif /* _UAPI_LINUX_KVMLU_H */
