@@ -11,7 +11,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 
 APT_PACKAGES := qemu-system-x86 linux-image-amd64 linux-headers-amd64 \
-	kmod udev busybox make gcc libc6-dev libelf-dev python3 python3-venv python3-dev libffi-dev
+	kmod udev busybox-static make gcc libc6-dev libelf-dev python3 python3-venv python3-dev libffi-dev
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -25,13 +25,14 @@ KVER ?= $(shell for v in $$(ls -1 /lib/modules 2>/dev/null | sort -V); do \
 KDIR ?= /lib/modules/$(KVER)/build
 VM_ARGS ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: all deps venv modules test test-host test-kernel lint demo clean help
+.PHONY: all deps venv modules test test-host test-kernel lint demo bench clean help
 
 all: modules
 
 help:
-	@echo "make demo | test | test-host | test-kernel | modules | lint | clean"
+	@echo "make demo | test | test-host | test-kernel | bench | modules | lint | clean"
 
 # Debian packages, installed only when one is missing.
 deps: $(STAMPS)/apt
@@ -90,6 +91,12 @@ test-kernel: venv
 demo: deps venv
 	@$(MAKE) --no-print-directory _modules
 	$(KVMLU) vm --kernel $(KVER) $(VM_ARGS) -- $(CURDIR)/$(KVMLU) demo
+
+# Benchmarks: numbers, not pass/fail. Results land in results/bench/.
+bench: deps venv
+	@$(MAKE) --no-print-directory _modules
+	$(KVMLU) vm --kernel $(KVER) --results $(CURDIR)/results/bench $(VM_ARGS) -- \
+		$(CURDIR)/$(KVMLU) bench irq $(BENCH_ARGS)
 
 clean:
 	-[ -z "$(KVER)" ] || $(MAKE) -C $(KDIR) M=$(CURDIR) clean

@@ -1,0 +1,478 @@
+"""Guest side of the VM harness: set up, run the suite, tear down, check the kernel log.
+
+``python -m pyctl.guest --status-file DIR/status.json [--module M.ko ...] -- COMMAND``
+runs as root inside the virtme-ng guest that :mod:`pyctl.vm` boots:
+
+1. starts reading ``/dev/kmsg`` and writes a start marker into it, so that only
+   what the kernel logs from then on is checked;
+2. loads each ``--module`` in order (a failure stops the run), and waits for
+   ``/dev/kvmlu`` once ``kvmlu.ko`` is in;
+3. loads vfio-pci and binds every QEMU ``edu`` function (1234:11e8) to it, then
+   waits until each one has an IOMMU group and its ``/dev/vfio/<group>`` node;
+4. runs COMMAND with the environment passed through plus ``KVMLU_IN_VM=1``,
+   ``KVMLU_EDU`` (comma-separated BDFs) and ``KVMLU_RESULTS`` (the writable
+   results folder shared with the host);
+5. unloads the modules in reverse order; a module that will not unload means
+   leaked objects and fails the run;
+6. scans the kernel log written since the marker (plus kmemleak, when the kernel
+   has it) with :func:`pyctl.klog.scan`;
+7. writes ``status.json`` next to ``kmsg.log`` and exits non-zero if COMMAND
+   failed or any check did.
+
+``status.json`` holds ``command_status`` (COMMAND's exit status, 128+N when
+killed by signal N, null when it was not run), ``klog_findings``,
+``rmmod_errors``, ``setup_errors``, ``edu`` (one ``{"bdf", "group", "vfio"}``
+per function) and ``ok``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyctl import klog
+
+_DESCRIPTION = "Guest side of the kvmlu VM harness."
+
+MARKER_START = "kvmlu-guest: suite start"
+MARKER_END = "kvmlu-guest: suite end"
+
+EDU_VENDOR = 0x1234
+EDU_DEVICE = 0x11E8
+
+PCI_DEVICES = Path("/sys/bus/pci/devices")
+VFIO_PCI_DRIVER = Path("/sys/bus/pci/drivers/vfio-pci")
+DEV_KVMLU = Path("/dev/kvmlu")
+KMEMLEAK = Path("/sys/kernel/debug/kmemleak")
+
+DEFAULT_WAIT = 30.0
+POLL_INTERVAL = 0.05
+
+
+def say(msg: str) -> None:
+    """Print one progress line of the guest runner."""
+    print(f"kvmlu-guest: {msg}", flush=True)
+
+
+def uptime() -> float:
+    """Seconds since the guest kernel booted."""
+    try:
+        return float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def wait_for(pred: Callable[[], bool], timeout: float) -> bool:
+    """Poll *pred* until it is true or *timeout* seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if pred():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL_INTERVAL)
+
+
+def kmsg_write(text: str, level: int = 5) -> None:
+    """Write one line into the kernel log."""
+    with open("/dev/kmsg", "w", encoding="utf-8") as f:
+        f.write(f"<{level}>{text}\n")
+
+
+class KmsgReader:
+    """Collect every /dev/kmsg record logged from construction on, in a thread.
+
+    Reading as the records come keeps them even if the suite logs more than the
+    kernel's ring buffer holds; records lost anyway show up as a gap in the
+    sequence numbers and are counted in :attr:`lost`.
+    """
+
+    def __init__(self, path: str = "/dev/kmsg") -> None:
+        self.records: list[klog.KmsgRecord] = []
+        self.lost = 0
+        self._last_seq: int | None = None
+        self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        os.lseek(self._fd, 0, os.SEEK_END)
+        self._wake_r, self._wake_w = os.pipe()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kmsg-reader", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                data = os.read(self._fd, 16384)
+            except BlockingIOError:
+                return
+            except BrokenPipeError:
+                # Our next record was overwritten; the next read resumes at the
+                # oldest one left, and the sequence gap counts what was lost.
+                continue
+            if not data:
+                return
+            rec = klog.parse_kmsg_record(data.decode("utf-8", errors="replace"))
+            if rec is None:
+                continue
+            if self._last_seq is not None and rec.seq > self._last_seq + 1:
+                self.lost += rec.seq - self._last_seq - 1
+            self._last_seq = rec.seq
+            self.records.append(rec)
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN | select.POLLPRI)
+        poller.register(self._wake_r, select.POLLIN)
+        while not self._stop.is_set():
+            poller.poll()
+            self._drain()
+        self._drain()
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Read what is left and stop; False if the thread did not finish in time."""
+        self._stop.set()
+        os.write(self._wake_w, b"x")
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            return False
+        for fd in (self._fd, self._wake_r, self._wake_w):
+            os.close(fd)
+        return True
+
+    def lines(self) -> list[str]:
+        """The collected records, formatted like dmesg."""
+        return [rec.format() for rec in self.records]
+
+
+def module_name(path: Path) -> str:
+    """Kernel name of the module file *path* (``kvmlu-x.ko`` -> ``kvmlu_x``)."""
+    name = path.name
+    for suffix in (".ko.xz", ".ko.zst", ".ko.gz", ".ko"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return name.replace("-", "_")
+
+
+def _run_tool(argv: Sequence[str]) -> str | None:
+    """Run a system tool; None on success, else its error message."""
+    try:
+        res = subprocess.run(list(argv), capture_output=True, text=True, check=False)
+    except OSError as e:
+        return f"{' '.join(argv)}: {e}"
+    if res.returncode == 0:
+        return None
+    detail = (res.stderr or res.stdout).strip() or f"exit status {res.returncode}"
+    return f"{' '.join(argv)}: {detail}"
+
+
+def _read_hex(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip(), 16)
+    except (OSError, ValueError):
+        return None
+
+
+def find_edu() -> list[str]:
+    """BDFs of the QEMU edu functions, sorted."""
+    found = []
+    for dev in sorted(PCI_DEVICES.iterdir()) if PCI_DEVICES.is_dir() else []:
+        if _read_hex(dev / "vendor") == EDU_VENDOR and _read_hex(dev / "device") == EDU_DEVICE:
+            found.append(dev.name)
+    return found
+
+
+def _link_name(path: Path) -> str | None:
+    try:
+        return Path(os.readlink(path)).name
+    except OSError:
+        return None
+
+
+def driver_of(bdf: str) -> str | None:
+    """Name of the driver *bdf* is bound to, or None."""
+    return _link_name(PCI_DEVICES / bdf / "driver")
+
+
+def iommu_group_of(bdf: str) -> int | None:
+    """IOMMU group number of *bdf*, or None."""
+    name = _link_name(PCI_DEVICES / bdf / "iommu_group")
+    return int(name) if name is not None and name.isdigit() else None
+
+
+def _vfio_ready(bdf: str) -> bool:
+    group = iommu_group_of(bdf)
+    return (
+        driver_of(bdf) == "vfio-pci" and group is not None and Path(f"/dev/vfio/{group}").exists()
+    )
+
+
+def bind_edu(bdfs: Sequence[str], timeout: float) -> tuple[list[dict[str, Any]], list[str]]:
+    """Bind every edu function to vfio-pci; return (devices, errors)."""
+    errors: list[str] = []
+    if not bdfs:
+        return [], errors
+    err = _run_tool(["modprobe", "vfio-pci"])
+    if err is not None:
+        return [], [err]
+    try:
+        (VFIO_PCI_DRIVER / "new_id").write_text(f"{EDU_VENDOR:04x} {EDU_DEVICE:04x}\n")
+    except FileExistsError:
+        pass  # the ID is there already: the devices got probed when it was added
+    except OSError as e:
+        errors.append(f"vfio-pci new_id: {e}")
+    # A function left without a driver (ID added before it appeared, or new_id
+    # refused) is bound explicitly.
+    for bdf in bdfs:
+        if driver_of(bdf) is None:
+            try:
+                (PCI_DEVICES / bdf / "driver_override").write_text("vfio-pci\n")
+                Path("/sys/bus/pci/drivers_probe").write_text(f"{bdf}\n")
+            except OSError as e:
+                errors.append(f"{bdf}: binding to vfio-pci: {e}")
+    wait_for(lambda: all(_vfio_ready(b) for b in bdfs), timeout)
+    devices: list[dict[str, Any]] = []
+    for bdf in bdfs:
+        group = iommu_group_of(bdf)
+        node = f"/dev/vfio/{group}" if group is not None else None
+        devices.append({"bdf": bdf, "group": group, "vfio": node, "driver": driver_of(bdf)})
+        if not _vfio_ready(bdf):
+            errors.append(
+                f"edu {bdf} not ready after {timeout:g} s: driver {driver_of(bdf)}, "
+                f"iommu group {group}, {node} "
+                f"{'exists' if node and Path(node).exists() else 'missing'}"
+            )
+    return devices, errors
+
+
+def _kmemleak(command: str) -> list[str]:
+    """Send *command* to kmemleak (if the kernel has it); on "scan" return its report."""
+    if not KMEMLEAK.exists():
+        return []
+    try:
+        KMEMLEAK.write_text(command)
+        return KMEMLEAK.read_text().splitlines() if command == "scan" else []
+    except OSError as e:
+        say(f"kmemleak {command}: {e}")
+        return []
+
+
+def run_command(command: Sequence[str], env: dict[str, str]) -> int:
+    """Run COMMAND; its exit status, 128+N if killed by signal N."""
+    say(f"running: {' '.join(command)}")
+    try:
+        res = subprocess.run(list(command), env=env, check=False)
+    except FileNotFoundError as e:
+        say(f"cannot run {command[0]}: {e}")
+        return 127
+    except PermissionError as e:
+        say(f"cannot run {command[0]}: {e}")
+        return 126
+    if res.returncode < 0:
+        sig = -res.returncode
+        say(f"command killed by signal {signal.Signals(sig).name}")
+        return 128 + sig
+    return res.returncode
+
+
+@dataclass
+class Outcome:
+    """What one guest run found; serialised into status.json."""
+
+    command: list[str]
+    modules: list[str]
+    command_status: int | None = None
+    setup_errors: list[str] = field(default_factory=list)
+    rmmod_errors: list[str] = field(default_factory=list)
+    klog_findings: list[str] = field(default_factory=list)
+    edu: list[dict[str, Any]] = field(default_factory=list)
+    kmsg_lost: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True if COMMAND ran and passed and no check failed."""
+        return (
+            self.command_status == 0
+            and not self.setup_errors
+            and not self.rmmod_errors
+            and not self.klog_findings
+        )
+
+    def exit_status(self) -> int:
+        """COMMAND's status if it failed, else 1 if a check failed, else 0."""
+        if self.command_status:
+            return self.command_status
+        return 0 if self.ok else 1
+
+    def to_json(self) -> dict[str, Any]:
+        """The status.json document."""
+        return {
+            "ok": self.ok,
+            "command": self.command,
+            "command_status": self.command_status,
+            "modules": self.modules,
+            "setup_errors": self.setup_errors,
+            "rmmod_errors": self.rmmod_errors,
+            "klog_findings": self.klog_findings,
+            "kmsg_lost": self.kmsg_lost,
+            "edu": self.edu,
+        }
+
+
+def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
+    """Write *doc* to *path* so that a reader sees all of it or nothing."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _command_env(
+    edu: Sequence[dict[str, Any]], results: Path, extra: Sequence[str]
+) -> dict[str, str]:
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)
+    path = env.get("PATH", "")
+    if bindir not in path.split(os.pathsep):
+        env["PATH"] = os.pathsep.join([bindir, path]) if path else bindir
+    env["KVMLU_IN_VM"] = "1"
+    env["KVMLU_EDU"] = ",".join(str(d["bdf"]) for d in edu)
+    env["KVMLU_RESULTS"] = str(results)
+    for item in extra:
+        key, _, value = item.partition("=")
+        env[key] = value
+    return env
+
+
+def _setup(args: argparse.Namespace, out: Outcome, loaded: list[str]) -> None:
+    """Load the modules and bind the edu functions; errors go to out.setup_errors."""
+    for path in args.module:
+        say(f"insmod {path}")
+        err = _run_tool(["insmod", str(path)])
+        if err is not None:
+            out.setup_errors.append(err)
+            return
+        loaded.append(module_name(path))
+        if module_name(path) == "kvmlu" and not wait_for(DEV_KVMLU.exists, args.wait):
+            out.setup_errors.append(f"{DEV_KVMLU} did not appear within {args.wait:g} s")
+            return
+    bdfs = find_edu()
+    if args.expect_edu is not None and len(bdfs) != args.expect_edu:
+        out.setup_errors.append(f"expected {args.expect_edu} edu devices, found {len(bdfs)}")
+        return
+    out.edu, errors = bind_edu(bdfs, args.wait)
+    out.setup_errors += errors
+    for dev in out.edu:
+        say(f"edu {dev['bdf']} vfio-pci, iommu group {dev['group']}, {dev['vfio']}")
+
+
+def run(args: argparse.Namespace) -> Outcome:
+    """Do one guest run as described in the module docstring."""
+    status_file: Path = args.status_file
+    out = Outcome(command=list(args.command), modules=[str(m) for m in args.module])
+    say(f"started {uptime():.1f} s after boot")
+    reader = KmsgReader()
+    kmsg_write(MARKER_START)
+    _kmemleak("clear")
+    loaded: list[str] = []
+    try:
+        _setup(args, out, loaded)
+        if out.setup_errors:
+            for problem in out.setup_errors:
+                say(f"SETUP FAILED: {problem}")
+        elif out.command:
+            env = _command_env(out.edu, status_file.parent, args.env)
+            started = time.monotonic()
+            out.command_status = run_command(out.command, env)
+            say(
+                f"command exit status {out.command_status} after {time.monotonic() - started:.1f} s"
+            )
+        else:
+            out.command_status = 0
+    finally:
+        for name in reversed(loaded):
+            say(f"rmmod {name}")
+            err = _run_tool(["rmmod", name])
+            if err is not None:
+                out.rmmod_errors.append(err)
+                say(f"RMMOD FAILED (leaked objects?): {err}")
+        leaks = _kmemleak("scan")
+        kmsg_write(MARKER_END)
+        if not reader.stop():
+            out.setup_errors.append("kernel log reader did not stop")
+    lines = klog.lines_after_marker(reader.lines(), MARKER_START)
+    lines = [line for line in lines if MARKER_END not in line]
+    out.klog_findings = klog.scan(lines) + klog.scan(leaks)
+    out.kmsg_lost = reader.lost
+    if reader.lost:
+        out.klog_findings.append(f"kvmlu-guest: {reader.lost} kernel log records lost")
+    try:
+        (status_file.parent / "kmsg.log").write_text(
+            "".join(line + "\n" for line in lines), encoding="utf-8"
+        )
+    except OSError as e:
+        say(f"cannot write kmsg.log: {e}")
+    for finding in out.klog_findings:
+        say(f"KERNEL LOG: {finding}")
+    return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the guest runner's command line."""
+    p = argparse.ArgumentParser(prog="python -m pyctl.guest", description=_DESCRIPTION)
+    p.add_argument("--status-file", type=Path, required=True, help="where to write status.json")
+    p.add_argument("--module", type=Path, action="append", default=[], help="module to insmod")
+    p.add_argument("--expect-edu", type=int, default=None, help="number of edu functions")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment variable for COMMAND",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=DEFAULT_WAIT,
+        help="seconds to wait for device nodes (default %(default)s)",
+    )
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
+    args = p.parse_args(argv)
+    if args.command[:1] == ["--"]:
+        args.command = args.command[1:]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m pyctl.guest``."""
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        say("must run as root inside the test VM")
+        return 2
+    try:
+        out = run(args)
+    except Exception as e:  # report any failure of the runner itself to the host
+        traceback.print_exc()
+        out = Outcome(command=list(args.command), modules=[str(m) for m in args.module])
+        out.setup_errors.append(f"guest runner failed: {e!r}")
+    write_json_atomic(args.status_file, out.to_json())
+    say(
+        f"done {uptime():.1f} s after boot: command status {out.command_status}, "
+        f"{len(out.klog_findings)} kernel log findings, {len(out.rmmod_errors)} rmmod errors, "
+        f"{len(out.setup_errors)} setup errors"
+    )
+    return out.exit_status()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Tests of the VM harness that need no VM: kernel lookup, the vng argv, the CLI, status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+from pyctl import guest, vm
+
+
+def fake_kernel(tmp_path: Path) -> vm.KernelInfo:
+    image = tmp_path / "vmlinuz-6.1.0-99-amd64"
+    image.write_bytes(b"")
+    return vm.KernelInfo(version="6.1.0-99-amd64", vmlinuz=image, build_dir=tmp_path / "build")
+
+
+def options(tmp_path: Path, **kw: object) -> vm.VmOptions:
+    defaults: dict[str, object] = {
+        "kernel": fake_kernel(tmp_path),
+        "command": ["sh", "-c", "echo 'hello world'; exit 3"],
+        "results_dir": tmp_path / "results",
+        "checkout": Path("/src/kvmlu"),
+        "python": Path("/src/kvmlu/.venv/bin/python"),
+        "vng": Path("/src/kvmlu/.venv/bin/vng"),
+    }
+    defaults.update(kw)
+    return vm.VmOptions(**defaults)  # type: ignore[arg-type]
+
+
+def value_of(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def qemu_opts(argv: list[str]) -> list[str]:
+    [opt] = [a for a in argv if a.startswith("--qemu-opts=")]
+    return opt.removeprefix("--qemu-opts=").split()
+
+
+def test_default_command_is_tcg_q35_with_iommu_and_two_edu(tmp_path: Path) -> None:
+    opts = options(tmp_path)
+    argv = vm.build_command(opts)
+    assert argv[0] == "/src/kvmlu/.venv/bin/vng"
+    assert value_of(argv, "--run") == str(opts.kernel.vmlinuz)
+    assert "--disable-kvm" in argv
+    assert "--disable-microvm" in argv  # q35, which intel-iommu needs
+    assert value_of(argv, "--cpus") == "2"
+    assert value_of(argv, "--memory") == "1024M"
+    assert "intel_iommu=on" in shlex.split(value_of(argv, "--append"))
+    opts_list = qemu_opts(argv)
+    assert "intel-iommu,intremap=on" in opts_list
+    assert opts_list.count("edu") == 2
+    assert value_of(argv, "--rwdir") == str(tmp_path / "results")
+    # "--qemu-opts VALUE" would make vng read VALUE as options of its own.
+    assert "--qemu-opts" not in argv
+
+
+def test_kvm_drops_disable_kvm(tmp_path: Path) -> None:
+    argv = vm.build_command(options(tmp_path, accel="kvm"))
+    assert "--disable-kvm" not in argv
+
+
+@pytest.mark.parametrize("n", [0, 1, 4])
+def test_edu_count(tmp_path: Path, n: int) -> None:
+    argv = vm.build_command(options(tmp_path, edu=n))
+    assert qemu_opts(argv).count("edu") == n
+    assert "--expect-edu " + str(n) in value_of(argv, "--exec")
+
+
+def test_memory_cpus_and_extra_kernel_params(tmp_path: Path) -> None:
+    argv = vm.build_command(
+        options(tmp_path, memory_mb=2048, cpus=4, kernel_append=["kmemleak=on", "a=b c"])
+    )
+    assert value_of(argv, "--memory") == "2048M"
+    assert value_of(argv, "--cpus") == "4"
+    params = shlex.split(value_of(argv, "--append"))
+    assert params[0] == "intel_iommu=on"
+    assert params[-2:] == ["kmemleak=on", "a=b c"]
+
+
+def test_exec_runs_guest_runner_then_quoted_command(tmp_path: Path) -> None:
+    mods = [Path("/src/kvmlu/kmod/kvmlu.ko"), Path("/src/kvmlu/kmod/kvmlu_vapic_v1.ko")]
+    opts = options(tmp_path, modules=mods, env=["A=1"])
+    exec_str = value_of(vm.build_command(opts), "--exec")
+    words = shlex.split(exec_str)
+    assert words[0] == "PYTHONPATH=/src/kvmlu"
+    assert words[1] == "exec"
+    assert words[2:5] == ["/src/kvmlu/.venv/bin/python", "-m", "pyctl.guest"]
+    assert value_of(words, "--status-file") == str(tmp_path / "results" / "status.json")
+    assert [words[i + 1] for i, w in enumerate(words) if w == "--module"] == [str(m) for m in mods]
+    assert value_of(words, "--env") == "A=1"
+    sep = words.index("--")
+    assert words[sep + 1 : sep + 4] == ["sh", "-c", "echo 'hello world'; exit 3"]
+    assert words[-1] == "2>&1"
+    assert shlex.quote("echo 'hello world'; exit 3") in exec_str
+    # What the guest runner will parse from that command line.
+    gargs = guest.parse_args(words[5:-1])
+    assert gargs.command == ["sh", "-c", "echo 'hello world'; exit 3"]
+    assert gargs.module == mods
+    assert gargs.status_file == tmp_path / "results" / "status.json"
+
+
+def test_kernel_tree_is_run_as_a_tree(tmp_path: Path) -> None:
+    tree = tmp_path / "linux"
+    (tree / "arch/x86/boot").mkdir(parents=True)
+    (tree / "arch/x86/boot/bzImage").write_bytes(b"")
+    (tree / "include/config").mkdir(parents=True)
+    (tree / "include/config/kernel.release").write_text("6.1.99-debug\n")
+    kernel = vm.find_kernel(str(tree))
+    assert kernel.version == "6.1.99-debug"
+    assert kernel.build_dir == tree
+    argv = vm.build_command(options(tmp_path, kernel=kernel))
+    assert value_of(argv, "--run") == str(tree)
+
+
+def make_boot(tmp_path: Path, versions: list[str], with_build: list[str]) -> tuple[Path, Path]:
+    boot, mods = tmp_path / "boot", tmp_path / "modules"
+    boot.mkdir()
+    for v in versions:
+        (boot / f"vmlinuz-{v}").write_bytes(b"")
+    for v in with_build:
+        (mods / v / "build").mkdir(parents=True)
+    return boot, mods
+
+
+def test_find_kernel_picks_newest_with_build_dir(tmp_path: Path) -> None:
+    boot, mods = make_boot(
+        tmp_path,
+        ["6.1.0-9-amd64", "6.1.0-10-amd64", "6.1.0-56-amd64", "6.12.0-1-amd64"],
+        ["6.1.0-9-amd64", "6.1.0-10-amd64", "6.1.0-56-amd64"],
+    )
+    k = vm.find_kernel(None, boot_dir=boot, modules_dir=mods)
+    assert k.version == "6.1.0-56-amd64"
+    assert k.vmlinuz == boot / "vmlinuz-6.1.0-56-amd64"
+    assert k.build_dir == mods / "6.1.0-56-amd64" / "build"
+    assert vm.find_kernel("6.1.0-9-amd64", boot_dir=boot, modules_dir=mods).version == (
+        "6.1.0-9-amd64"
+    )
+
+
+def test_find_kernel_errors(tmp_path: Path) -> None:
+    boot, mods = make_boot(tmp_path, ["6.12.0-1-amd64"], [])
+    with pytest.raises(vm.VmError, match="linux-headers-amd64"):
+        vm.find_kernel(None, boot_dir=boot, modules_dir=mods)
+    with pytest.raises(vm.VmError, match=r"install linux-headers-6\.12\.0-1-amd64"):
+        vm.find_kernel("6.12.0-1-amd64", boot_dir=boot, modules_dir=mods)
+    with pytest.raises(vm.VmError, match="no kernel image"):
+        vm.find_kernel("5.10.0-1-amd64", boot_dir=boot, modules_dir=mods)
+
+
+def test_check_modules_vermagic(tmp_path: Path) -> None:
+    kernel = fake_kernel(tmp_path)
+    good = tmp_path / "good.ko"
+    good.write_bytes(b"\x7fELF...vermagic=6.1.0-99-amd64 SMP preempt mod_unload modversions \0x")
+    bad = tmp_path / "bad.ko"
+    bad.write_bytes(b"\x7fELF...vermagic=6.12.0-1-amd64 SMP mod_unload \0x")
+    vm.check_modules([good], kernel)
+    with pytest.raises(vm.VmError, match=r"built for 6\.12\.0-1-amd64"):
+        vm.check_modules([bad], kernel)
+    with pytest.raises(vm.VmError, match="not found"):
+        vm.check_modules([tmp_path / "missing.ko"], kernel)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="kvmlu")
+    sub = parser.add_subparsers(dest="subcommand", required=True)
+    vm.add_arguments(sub.add_parser("vm"))
+    return parser.parse_args(argv)
+
+
+@pytest.fixture
+def kernel_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    tree = tmp_path / "linux"
+    (tree / "arch/x86/boot").mkdir(parents=True)
+    (tree / "arch/x86/boot/bzImage").write_bytes(b"")
+    monkeypatch.setattr(vm, "find_vng", lambda: Path("/venv/bin/vng"))
+    return tree
+
+
+def test_dry_run_prints_the_command(kernel_tree: Path, tmp_path: Path, capsys) -> None:
+    args = parse(
+        ["vm", "--kernel", str(kernel_tree), "--edu", "3", "--no-modules",
+         "--results", str(tmp_path / "r"), "--dry-run", "--", "sh", "-c", "exit 7"]
+    )  # fmt: skip
+    assert vm.main(args) == 0
+    out = capsys.readouterr().out.strip()
+    argv = shlex.split(out)
+    assert argv[0] == "/venv/bin/vng"
+    assert "--disable-kvm" in argv
+    assert qemu_opts(argv).count("edu") == 3
+    assert value_of(argv, "--rwdir") == str(tmp_path / "r")
+    words = shlex.split(value_of(argv, "--exec"))
+    assert words[words.index("--") + 1 :] == ["sh", "-c", "exit 7", "2>&1"]
+    assert not (tmp_path / "r").exists()  # a dry run boots nothing and writes nothing
+
+
+def test_cli_defaults(kernel_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    checkout = tmp_path / "checkout"
+    monkeypatch.setattr(vm, "CHECKOUT", checkout)
+    args = parse(["vm", "--kernel", str(kernel_tree), "--", "true"])
+    assert args.command in (["--", "true"], ["true"])
+    opts = vm.options_from_args(args)
+    assert opts.command == ["true"]
+    assert opts.accel == "tcg"
+    assert opts.edu == 2
+    assert opts.memory_mb == 1024
+    assert opts.timeout == 1800
+    assert opts.modules == []  # kmod/kvmlu.ko not built
+    (checkout / "kmod").mkdir(parents=True)
+    (checkout / "kmod" / "kvmlu.ko").write_bytes(b"vermagic=linux SMP\0")
+    assert vm.options_from_args(args).modules == [checkout / "kmod" / "kvmlu.ko"]
+    args = parse(["vm", "--kernel", str(kernel_tree), "--no-modules", "--", "true"])
+    assert vm.options_from_args(args).modules == []
+
+
+def test_cli_modules_in_order(kernel_tree: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "kvmlu.ko", tmp_path / "kvmlu_vapic_v1.ko"
+    a.write_bytes(b"")
+    b.write_bytes(b"")
+    args = parse(["vm", "--kernel", str(kernel_tree), "--accel", "kvm",
+                  "--module", str(a), "--module", str(b), "--", "true"])  # fmt: skip
+    opts = vm.options_from_args(args)
+    assert opts.modules == [a, b]
+    assert "--disable-kvm" not in vm.build_command(opts)
+
+
+def test_cli_rejects_a_missing_module(kernel_tree: Path, tmp_path: Path, capsys) -> None:
+    args = parse(["vm", "--kernel", str(kernel_tree), "--module", str(tmp_path / "x.ko"),
+                  "--dry-run", "--", "true"])  # fmt: skip
+    assert vm.main(args) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_command_list_required(kernel_tree: Path) -> None:
+    args = parse(["vm", "--kernel", str(kernel_tree), "--", "true"])
+    args.command = "vm"  # a subparsers dest="command" would do this
+    with pytest.raises(vm.VmError, match=r"args\.command"):
+        vm.options_from_args(args)
+
+
+def status(**kw: object) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "command_status": 0,
+        "klog_findings": [],
+        "rmmod_errors": [],
+        "setup_errors": [],
+        "edu": [],
+    }
+    doc.update(kw)
+    return doc
+
+
+def test_evaluate() -> None:
+    assert vm.evaluate(status(), 0) == 0
+    assert vm.evaluate(status(command_status=3), 3) == 3
+    assert vm.evaluate(status(klog_findings=["WARNING: CPU: 0 PID: 1 at fake"]), 1) == 1
+    assert vm.evaluate(status(rmmod_errors=["rmmod kvmlu: in use"]), 1) == 1
+    assert vm.evaluate(status(command_status=None, setup_errors=["insmod"]), 1) == 1
+    assert vm.evaluate(status(), 255) == 1
+
+
+def test_guest_outcome_json_and_exit_status() -> None:
+    out = guest.Outcome(command=["true"], modules=[], command_status=0)
+    assert out.ok
+    assert out.exit_status() == 0
+    doc = json.loads(json.dumps(out.to_json()))
+    assert {"command_status", "klog_findings", "rmmod_errors", "edu"} <= doc.keys()
+    out.klog_findings.append("WARNING: CPU: 0 PID: 1 at fake")
+    assert out.exit_status() == 1
+    out.command_status = 137
+    assert out.exit_status() == 137
+    assert guest.Outcome(command=["x"], modules=[]).exit_status() == 1  # never ran
+
+
+def test_guest_module_name() -> None:
+    assert guest.module_name(Path("/k/kvmlu.ko")) == "kvmlu"
+    assert guest.module_name(Path("/k/kvmlu_vapic-v2.ko.xz")) == "kvmlu_vapic_v2"
+
+
+def test_guest_parse_args_strips_separator() -> None:
+    args = guest.parse_args(["--status-file", "/r/status.json", "--", "sh", "-c", "x --y"])
+    assert args.command == ["sh", "-c", "x --y"]
+    assert args.module == []
+    assert args.expect_edu is None
