@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from collections.abc import Sequence
 
-from pyctl import demo, vm
+from pyctl import bench_irq, demo, vm
+from pyctl.edu import Edu, find_vfio_edu
 from pyctl.errors import KvmluError
 from pyctl.kvmlu import DEVICE_PATH, Device
 from pyctl.status import print_status, status_dict
@@ -32,6 +35,55 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return demo.run(dev)
 
 
+def _edu_bdf(requested: str | None) -> str:
+    bdfs = find_vfio_edu()
+    if requested:
+        if requested not in bdfs:
+            raise SystemExit(f"kvmlu: {requested} is not an edu device on vfio-pci ({bdfs})")
+        return requested
+    if not bdfs:
+        raise SystemExit("kvmlu: no edu device bound to vfio-pci (run inside `kvmlu vm`)")
+    return bdfs[0]
+
+
+def cmd_bind(args: argparse.Namespace) -> int:
+    """Bind an edu device's MSI to a new table, raise, and show what arrived."""
+    bdf = _edu_bdf(args.device)
+    notify = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    with Device() as dev, Edu(bdf) as edu, dev.create_table(args.vcpus) as table:
+        msi = edu.enable_msi()
+        try:
+            table.set_notify(args.vcpu, notify, nv=0xF2, ndst=args.vcpu)
+            with table.bind(msi, args.vcpu, args.vector) as b:
+                print(f"{bdf}: MSI eventfd bound to vCPU {args.vcpu}, vector 0x{args.vector:02x}")
+                for _ in range(args.raise_count):
+                    before = b.info().stats.signals
+                    edu.raise_irq()
+                    deadline = time.monotonic() + 5.0
+                    while b.info().stats.signals == before and time.monotonic() < deadline:
+                        time.sleep(0.001)
+                info = b.info()
+                print(f"binding: active={info.active} hup={info.hup} {info.stats}")
+                print(f"vCPU {args.vcpu}: {table.view(args.vcpu)}")
+        finally:
+            edu.disable_msi()
+            os.close(msi)
+            os.close(notify)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    out = args.json
+    if out is None and os.environ.get("KVMLU_RESULTS"):
+        out = os.path.join(os.environ["KVMLU_RESULTS"], "bench-irq.json")
+    bench_irq.main(_edu_bdf(args.device), args.samples, args.seconds, out)
+    return 0
+
+
+def _vector(text: str) -> int:
+    return int(text, 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvmlu",
@@ -45,6 +97,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="post vectors into an 8-vCPU table and show it")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "bind",
+        help="bind an edu device's MSI to a descriptor and raise interrupts",
+        description="Create a table, bind the MSI eventfd of an edu device (through "
+        "vfio-pci) to one vCPU and vector, raise N interrupts, and show the binding's "
+        "counters and the descriptor. Inside the test VM.",
+    )
+    p.add_argument("--device", metavar="BDF", help="edu PCI function (default: the first)")
+    p.add_argument("--vcpus", type=int, default=8, help="table size (default: 8)")
+    p.add_argument("--vcpu", type=int, default=0, help="vCPU to post to (default: 0)")
+    p.add_argument("--vector", type=_vector, default=0x51, help="vector (default: 0x51)")
+    p.add_argument(
+        "--raise", dest="raise_count", type=int, default=3, metavar="N", help="MSIs to raise"
+    )
+    p.set_defaults(func=cmd_bind)
+
+    p = sub.add_parser("bench", help="benchmarks (inside the test VM)")
+    bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    b = bsub.add_parser(
+        "irq",
+        help="edu MSIs through a kvmlu binding versus a userspace interrupt thread",
+    )
+    b.add_argument("--device", metavar="BDF", help="edu PCI function (default: the first)")
+    b.add_argument("--samples", type=int, default=2000, help="latency samples per path")
+    b.add_argument("--seconds", type=float, default=4.0, help="throughput time per path")
+    b.add_argument("--json", metavar="PATH", help="write the results here")
+    b.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
         "vm",
