@@ -138,6 +138,7 @@ void kvmlu_counters_read(struct kvmlu_counters *c, struct kvmlu_stats *out);
  *	sleep (they poll and unhook an eventfd).
  * @bindings: The &kvmlu_binding objects attached, via their @link.
  * @nr_bindings: Entries in @bindings.
+ * @node: Entry in the module's list of tables, under kvmlu_tables_lock.
  * @vcpus: Per-descriptor kernel state, @nr_vcpus entries.
  */
 struct kvmlu_table {
@@ -150,6 +151,7 @@ struct kvmlu_table {
 	struct mutex bind_lock; /* see above */
 	struct list_head bindings;
 	u32 nr_bindings;
+	struct list_head node;
 	struct kvmlu_vcpu vcpus[];
 };
 
@@ -157,7 +159,8 @@ extern const struct kvmlu_ioctl_op kvmlu_table_ops[];
 extern const size_t kvmlu_nr_table_ops;
 
 int kvmlu_table_create(u32 nr_vcpus, struct file **filep);
-long kvmlu_table_count(void);
+void kvmlu_tables_totals(u64 *nr_tables, u64 *nr_bindings,
+			 struct kvmlu_stats *stats);
 void kvmlu_table_get(struct kvmlu_table *table);
 void kvmlu_table_put(struct kvmlu_table *table);
 u32 kvmlu_post(struct kvmlu_table *table, u32 vcpu, u32 vector, u64 count,

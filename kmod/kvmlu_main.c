@@ -93,7 +93,7 @@ static int kvmlu_query(struct kvmlu_ucmd *ucmd)
 	q->api_version = KVMLU_API_VERSION;
 	q->max_vcpus = KVMLU_MAX_VCPUS;
 	q->capabilities = KVMLU_CAP_TABLES | KVMLU_CAP_BINDINGS;
-	q->nr_tables = kvmlu_table_count();
+	kvmlu_tables_totals(&q->nr_tables, &q->nr_bindings, &q->stats);
 	return kvmlu_ucmd_respond(ucmd, sizeof(*q));
 }
 
@@ -131,7 +131,7 @@ err_put_fd:
 
 static const struct kvmlu_ioctl_op kvmlu_dev_ops[] = {
 	KVMLU_IOCTL_OP(KVMLU_CMD_BASE, KVMLU_QUERY, kvmlu_query,
-		       struct kvmlu_query, nr_tables),
+		       struct kvmlu_query, stats),
 	KVMLU_IOCTL_OP(KVMLU_CMD_BASE, KVMLU_CREATE_TABLE, kvmlu_create_table,
 		       struct kvmlu_create_table, fd),
 };

@@ -23,6 +23,7 @@
 #include <linux/file.h>
 #include <linux/gfp.h>
 #include <linux/mm.h>
+#include <linux/mutex.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
 
@@ -33,12 +34,50 @@
 	((KVMLU_PI_NV_MASK << KVMLU_PI_NV_SHIFT) | \
 	 (KVMLU_PI_NDST_MASK << KVMLU_PI_NDST_SHIFT))
 
-/* Number of tables alive, for QUERY. */
-static atomic_long_t kvmlu_nr_tables = ATOMIC_LONG_INIT(0);
+/* Protects kvmlu_tables and kvmlu_retired. */
+static DEFINE_MUTEX(kvmlu_tables_lock);
+/* Every live table, via &kvmlu_table.node. */
+static LIST_HEAD(kvmlu_tables);
+/* The counters of the tables freed since the module was loaded. */
+static struct kvmlu_stats kvmlu_retired;
 
-long kvmlu_table_count(void)
+static void kvmlu_stats_add(struct kvmlu_stats *sum, struct kvmlu_counters *c)
 {
-	return atomic_long_read(&kvmlu_nr_tables);
+	struct kvmlu_stats s;
+
+	kvmlu_counters_read(c, &s);
+	sum->signals += s.signals;
+	sum->posted += s.posted;
+	sum->coalesced += s.coalesced;
+	sum->notified += s.notified;
+	sum->suppressed += s.suppressed;
+}
+
+/**
+ * kvmlu_tables_totals() - what QUERY reports over all tables
+ * @nr_tables: Live tables.
+ * @nr_bindings: Live bindings.
+ * @stats: The counters of every table since the module was loaded.
+ *
+ * Takes kvmlu_tables_lock and each table's bind_lock; may sleep.
+ */
+void kvmlu_tables_totals(u64 *nr_tables, u64 *nr_bindings,
+			 struct kvmlu_stats *stats)
+{
+	struct kvmlu_table *table;
+
+	*nr_tables = 0;
+	*nr_bindings = 0;
+	mutex_lock(&kvmlu_tables_lock);
+	*stats = kvmlu_retired;
+	list_for_each_entry(table, &kvmlu_tables, node) {
+		(*nr_tables)++;
+		mutex_lock(&table->bind_lock);
+		*nr_bindings += table->nr_bindings;
+		mutex_unlock(&table->bind_lock);
+		kvmlu_stats_add(stats, &table->counters);
+	}
+	mutex_unlock(&kvmlu_tables_lock);
 }
 
 static unsigned long *kvmlu_pir(struct kvmlu_pi_desc *desc)
@@ -179,6 +218,11 @@ static void kvmlu_table_free(struct kref *ref)
 	struct kvmlu_table *table = container_of(ref, struct kvmlu_table, ref);
 	u32 i;
 
+	mutex_lock(&kvmlu_tables_lock);
+	list_del(&table->node);
+	kvmlu_stats_add(&kvmlu_retired, &table->counters);
+	mutex_unlock(&kvmlu_tables_lock);
+
 	for (i = 0; i < table->nr_vcpus; i++) {
 		struct kvmlu_vcpu *v = &table->vcpus[i];
 
@@ -190,7 +234,6 @@ static void kvmlu_table_free(struct kref *ref)
 	mutex_destroy(&table->bind_lock);
 	free_pages((unsigned long)table->desc, table->desc_order);
 	kvfree(table);
-	atomic_long_dec(&kvmlu_nr_tables);
 }
 
 void kvmlu_table_get(struct kvmlu_table *table)
@@ -456,7 +499,9 @@ int kvmlu_table_create(u32 nr_vcpus, struct file **filep)
 		ret = PTR_ERR(file);
 		goto err_free_desc;
 	}
-	atomic_long_inc(&kvmlu_nr_tables);
+	mutex_lock(&kvmlu_tables_lock);
+	list_add_tail(&table->node, &kvmlu_tables);
+	mutex_unlock(&kvmlu_tables_lock);
 	*filep = file;
 	return 0;
 

@@ -133,6 +133,8 @@ class ApiInfo:
     max_vcpus: int
     capabilities: int
     nr_tables: int
+    nr_bindings: int
+    stats: Stats
 
 
 class _FdObject:
@@ -319,7 +321,12 @@ class Device(_FdObject):
         arg = new_arg("kvmlu_query")
         ioctl(self.fd, lib.KVMLU_QUERY, arg)
         return ApiInfo(
-            int(arg.api_version), int(arg.max_vcpus), int(arg.capabilities), int(arg.nr_tables)
+            int(arg.api_version),
+            int(arg.max_vcpus),
+            int(arg.capabilities),
+            int(arg.nr_tables),
+            int(arg.nr_bindings),
+            Stats.from_cdata(arg.stats),
         )
 
     def create_table(self, nr_vcpus: int) -> Table:

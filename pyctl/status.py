@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 from pyctl.kvmlu import DEVICE_PATH, Device
 from pyctl.uapi import lib
@@ -17,7 +19,8 @@ def _module_refcnt() -> int | None:
         return None
 
 
-def status_dict(dev: Device) -> dict[str, object]:
+def status_dict(dev: Device) -> dict[str, Any]:
+    """QUERY's answer, plus the module's reference count, as plain data."""
     info = dev.query()
     return {
         "device": DEVICE_PATH,
@@ -25,6 +28,8 @@ def status_dict(dev: Device) -> dict[str, object]:
         "max_vcpus": info.max_vcpus,
         "capabilities": [n for bit, n in CAPABILITIES.items() if info.capabilities & bit],
         "tables": info.nr_tables,
+        "bindings": info.nr_bindings,
+        "counters": dataclasses.asdict(info.stats),
         "module_refcnt": _module_refcnt(),
     }
 
@@ -32,8 +37,13 @@ def status_dict(dev: Device) -> dict[str, object]:
 def print_status(dev: Device) -> None:
     """Print what kvmlu.ko reports, for people."""
     s = status_dict(dev)
+    c = s["counters"]
     print(f"kvmlu.ko loaded: {s['device']}, API version {s['api_version']}")
-    print(f"  capabilities: {', '.join(s['capabilities'])}")  # type: ignore[arg-type]
+    print(f"  capabilities: {', '.join(s['capabilities'])}")
     print(f"  max vCPUs per table: {s['max_vcpus']}")
-    print(f"  tables alive: {s['tables']}")
+    print(f"  alive: {s['tables']} tables, {s['bindings']} IRQ bindings")
+    print(
+        f"  posting since load: {c['signals']} signals = {c['posted']} posted"
+        f" + {c['coalesced']} coalesced; {c['notified']} notified, {c['suppressed']} suppressed"
+    )
     print(f"  module references: {s['module_refcnt']}")

@@ -62,6 +62,15 @@ struct kvmlu_pi_desc {
 	...;
 };
 
+struct kvmlu_stats {
+	__u64 signals;
+	__u64 posted;
+	__u64 coalesced;
+	__u64 notified;
+	__u64 suppressed;
+	...;
+};
+
 struct kvmlu_query {
 	__u32 size;
 	__u32 flags;
@@ -69,6 +78,8 @@ struct kvmlu_query {
 	__u32 max_vcpus;
 	__u64 capabilities;
 	__u64 nr_tables;
+	__u64 nr_bindings;
+	struct kvmlu_stats stats;
 	...;
 };
 
@@ -136,14 +147,6 @@ struct kvmlu_table_bind {
 	...;
 };
 
-struct kvmlu_stats {
-	__u64 signals;
-	__u64 posted;
-	__u64 coalesced;
-	__u64 notified;
-	__u64 suppressed;
-	...;
-};
 
 struct kvmlu_table_info {
 	__u32 size;

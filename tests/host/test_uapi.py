@@ -60,6 +60,9 @@ def test_pi_desc_layout() -> None:
         "kvmlu_table_peek",
         "kvmlu_table_fetch",
         "kvmlu_table_post",
+        "kvmlu_table_bind",
+        "kvmlu_table_info",
+        "kvmlu_binding_info",
     ],
 )
 def test_structs_start_with_size_and_flags(struct: str) -> None:

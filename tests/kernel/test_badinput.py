@@ -21,7 +21,7 @@ from pyctl.errors import KvmluError
 from pyctl.kvmlu import Device, PostResult, Table
 from pyctl.uapi import ffi, ioctl, lib
 
-EFD = object()  # stands for the fixture's notification eventfd in a field list
+SRC = -1000  # in a field list: stands for the eventfd a BIND would consume
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Cmd:
     name: str
     request: int
     struct: str
-    on: str  # "dev" or "table"
+    on: str  # "dev", "table" or "binding"
     fields: dict[str, Any] = field(default_factory=dict)
     reserved: tuple[str, ...] = ()
 
@@ -66,11 +66,24 @@ CMDS = [
         {"vcpu": 1, "vector": 0x66},
         ("reserved",),
     ),
+    Cmd(
+        "BIND",
+        lib.KVMLU_TABLE_BIND,
+        "kvmlu_table_bind",
+        "table",
+        {"eventfd": SRC, "vcpu": 1, "vector": 0x67},
+    ),
+    Cmd("TABLE_INFO", lib.KVMLU_TABLE_INFO, "kvmlu_table_info", "table"),
+    Cmd("BINDING_INFO", lib.KVMLU_BINDING_INFO, "kvmlu_binding_info", "binding"),
 ]
+BY_NAME = {c.name: c for c in CMDS}
 
 #: The smallest size each structure accepts: the whole v1 structure.
 MIN_SIZES = {
-    "kvmlu_query": 32,
+    "kvmlu_query": 80,
+    "kvmlu_table_bind": 24,
+    "kvmlu_table_info": 56,
+    "kvmlu_binding_info": 64,
     "kvmlu_create_table": 16,
     "kvmlu_table_set_notify": 24,
     "kvmlu_table_set_sn": 16,
@@ -81,19 +94,40 @@ MIN_SIZES = {
 
 
 class Env:
-    """A device and a table whose vCPU 1 has a target, NV 0x40 and vector 0x50 pending."""
+    """A device; a table whose vCPU 1 has a target, NV 0x40 and vector 0x50 pending; a
+    binding on vCPU 2; and an unbound eventfd ``src`` for BIND."""
 
     def __init__(self, dev: Device, table: Table, efd: int) -> None:
         self.dev, self.table, self.efd = dev, table, efd
         table.set_notify(1, efd, nv=0x40, ndst=1)
         table.post(1, 0x50)
         eventfd_count(efd)
+        self.src = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.bound_src = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.binding = table.bind(self.bound_src, 2, 0x52)
+
+    def close(self) -> None:
+        self.binding.close()
+        os.close(self.src)
+        os.close(self.bound_src)
 
     def fd_for(self, cmd: Cmd) -> int:
-        return self.dev.fd if cmd.on == "dev" else self.table.fd
+        return {"dev": self.dev.fd, "table": self.table.fd, "binding": self.binding.fd}[cmd.on]
+
+    def arg(self, cmd: Cmd, **over: int) -> bytearray:
+        fields = {**cmd.fields, **over}
+        if fields.get("eventfd") == SRC:
+            fields["eventfd"] = self.src
+        return raw_arg(cmd.struct, **fields)
 
     def state(self) -> tuple[Any, ...]:
-        return (snapshot(self.table), self.dev.query().nr_tables, fd_count())
+        return (
+            snapshot(self.table),
+            self.dev.query(),
+            self.table.info(),
+            self.binding.info(),
+            fd_count(),
+        )
 
     def refused(self, fd: int, request: int, arg: Any, err: int) -> None:
         """Issue the call, expect ``err``, and check that nothing changed."""
@@ -114,11 +148,9 @@ class Env:
 
 @pytest.fixture
 def env(dev: Device, table: Table, efd: int) -> Iterator[Env]:
-    yield Env(dev, table, efd)
-
-
-def arg_for(cmd: Cmd, **over: int) -> bytearray:
-    return raw_arg(cmd.struct, **{**cmd.fields, **over})
+    e = Env(dev, table, efd)
+    yield e
+    e.close()
 
 
 def test_min_sizes_match_structures() -> None:
@@ -137,24 +169,27 @@ def test_size_below_minimum(env: Env, cmd: Cmd, size: int) -> None:
     """A size below the structure's minimum is EINVAL."""
     if size < 0:
         size = MIN_SIZES[cmd.struct] + size
-    env.refused(env.fd_for(cmd), cmd.request, arg_for(cmd, size=size), errno.EINVAL)
+    env.refused(env.fd_for(cmd), cmd.request, env.arg(cmd, size=size), errno.EINVAL)
 
 
 @pytest.mark.parametrize("cmd", CMDS, ids=repr)
 @pytest.mark.parametrize("tail", [b"\0" * 7 + b"\1", b"\1" + b"\0" * 63], ids=["last", "first"])
 def test_nonzero_tail(env: Env, cmd: Cmd, tail: bytes) -> None:
     """Bytes beyond the kernel's structure that are not zero give E2BIG."""
-    arg = raw_arg(cmd.struct, tail=tail, **cmd.fields)
+    arg = env.arg(cmd) + tail
+    arg[0:4] = len(arg).to_bytes(4, "little")
     env.refused(env.fd_for(cmd), cmd.request, arg, errno.E2BIG)
 
 
 @pytest.mark.parametrize("cmd", CMDS, ids=repr)
 def test_zero_tail_accepted(env: Env, cmd: Cmd) -> None:
     """A larger structure whose extra bytes are zero is accepted (forward compatibility)."""
-    arg = raw_arg(cmd.struct, tail=b"\0" * 24, **cmd.fields)
+    arg = env.arg(cmd) + b"\0" * 24
+    arg[0:4] = len(arg).to_bytes(4, "little")
     ioctl(env.fd_for(cmd), cmd.request, arg)
-    if cmd.name == "CREATE_TABLE":
-        new_fd = int.from_bytes(arg[12:16], "little", signed=True)
+    fd_offset = {"CREATE_TABLE": 12, "BIND": 20}.get(cmd.name)
+    if fd_offset is not None:
+        new_fd = int.from_bytes(arg[fd_offset : fd_offset + 4], "little", signed=True)
         assert new_fd >= 0
         os.close(new_fd)
 
@@ -163,7 +198,7 @@ def test_zero_tail_accepted(env: Env, cmd: Cmd) -> None:
 @pytest.mark.parametrize("flags", [1, 1 << 31])
 def test_unknown_flags(env: Env, cmd: Cmd, flags: int) -> None:
     """Any flag is unknown in API version 1: EINVAL."""
-    env.refused(env.fd_for(cmd), cmd.request, arg_for(cmd, flags=flags), errno.EINVAL)
+    env.refused(env.fd_for(cmd), cmd.request, env.arg(cmd, flags=flags), errno.EINVAL)
 
 
 @pytest.mark.parametrize(
@@ -173,14 +208,16 @@ def test_unknown_flags(env: Env, cmd: Cmd, flags: int) -> None:
 )
 def test_reserved_nonzero(env: Env, cmd: Cmd, name: str) -> None:
     """A non-zero reserved field is EINVAL."""
-    env.refused(env.fd_for(cmd), cmd.request, arg_for(cmd, **{name: 1}), errno.EINVAL)
+    env.refused(env.fd_for(cmd), cmd.request, env.arg(cmd, **{name: 1}), errno.EINVAL)
 
 
 @pytest.mark.parametrize("cmd", CMDS, ids=repr)
 def test_command_on_wrong_file(env: Env, cmd: Cmd) -> None:
-    """A device command on a table fd, or a table command on /dev/kvmlu, is ENOTTY."""
-    other = env.table.fd if cmd.on == "dev" else env.dev.fd
-    env.refused(other, cmd.request, arg_for(cmd), errno.ENOTTY)
+    """A command on any other kind of kvmlu fd than its own is ENOTTY."""
+    fds = {"dev": env.dev.fd, "table": env.table.fd, "binding": env.binding.fd}
+    for on, fd in fds.items():
+        if on != cmd.on:
+            env.refused(fd, cmd.request, env.arg(cmd), errno.ENOTTY)
 
 
 @pytest.mark.parametrize("cmd", CMDS, ids=repr)
@@ -189,11 +226,11 @@ def test_bad_pointer(env: Env, cmd: Cmd) -> None:
     env.refused(env.fd_for(cmd), cmd.request, ffi.cast("void *", 8), errno.EFAULT)
 
 
-@pytest.mark.parametrize("on", ["dev", "table"])
-@pytest.mark.parametrize("nr", [0x02, 0x1F, 0x25, 0x3F, 0xFF])
+@pytest.mark.parametrize("on", ["dev", "table", "binding"])
+@pytest.mark.parametrize("nr", [0x02, 0x1F, 0x27, 0x3F, 0x41, 0xFF])
 def test_unknown_command(env: Env, on: str, nr: int) -> None:
     """An unknown command number is ENOTTY."""
-    fd = env.dev.fd if on == "dev" else env.table.fd
+    fd = {"dev": env.dev.fd, "table": env.table.fd, "binding": env.binding.fd}[on]
     request = (lib.KVMLU_IOCTL_TYPE << 8) | nr
     env.refused(fd, request, raw_arg("kvmlu_table_peek", vcpu=1), errno.ENOTTY)
 
@@ -203,7 +240,7 @@ def test_request_with_size_or_direction_bits(env: Env, cmd: Cmd) -> None:
     """The size travels in the structure: a request with _IOC size/direction bits is ENOTTY."""
     size = ffi.sizeof(f"struct {cmd.struct}")
     request = cmd.request | (3 << 30) | (size << 16)
-    env.refused(env.fd_for(cmd), request, arg_for(cmd), errno.ENOTTY)
+    env.refused(env.fd_for(cmd), request, env.arg(cmd), errno.ENOTTY)
 
 
 def test_wrong_ioctl_type(env: Env) -> None:
@@ -218,25 +255,26 @@ def test_wrong_ioctl_type(env: Env) -> None:
 @pytest.mark.parametrize("nr", [0, 1025, 0xFFFFFFFF])
 def test_create_table_vcpu_count_out_of_range(env: Env, nr: int) -> None:
     """A table of 0 or more than 1024 vCPUs is ERANGE and creates nothing."""
-    cmd = CMDS[1]
-    env.refused(env.dev.fd, cmd.request, arg_for(cmd, nr_vcpus=nr), errno.ERANGE)
+    cmd = BY_NAME["CREATE_TABLE"]
+    env.refused(env.dev.fd, cmd.request, env.arg(cmd, nr_vcpus=nr), errno.ERANGE)
 
 
-TABLE_CMDS = [c for c in CMDS if c.on == "table"]
+TABLE_CMDS = [c for c in CMDS if c.on == "table" and "vcpu" in c.fields]
 
 
 @pytest.mark.parametrize("cmd", TABLE_CMDS, ids=repr)
 @pytest.mark.parametrize("vcpu", [8, 1024, 0xFFFFFFFF])
 def test_vcpu_out_of_range(env: Env, cmd: Cmd, vcpu: int) -> None:
     """A vCPU index at or past the table's count is ERANGE."""
-    env.refused(env.table.fd, cmd.request, arg_for(cmd, vcpu=vcpu), errno.ERANGE)
+    env.refused(env.table.fd, cmd.request, env.arg(cmd, vcpu=vcpu), errno.ERANGE)
 
 
+@pytest.mark.parametrize("name", ["POST", "BIND"])
 @pytest.mark.parametrize("vector", [0, 1, 31, 256, 0xFFFFFFFF])
-def test_post_vector_out_of_range(env: Env, vector: int) -> None:
+def test_vector_out_of_range(env: Env, name: str, vector: int) -> None:
     """Vectors 0..31 (exceptions) and above 255 are ERANGE."""
-    cmd = CMDS[6]
-    env.refused(env.table.fd, cmd.request, arg_for(cmd, vector=vector), errno.ERANGE)
+    cmd = BY_NAME[name]
+    env.refused(env.table.fd, cmd.request, env.arg(cmd, vector=vector), errno.ERANGE)
 
 
 @pytest.mark.parametrize("vector", [32, 255])
@@ -249,15 +287,15 @@ def test_post_vector_bounds_accepted(env: Env, vector: int) -> None:
 @pytest.mark.parametrize("nv", [0, 31, 256, 0xFFFFFFFF])
 def test_set_notify_nv_out_of_range(env: Env, nv: int) -> None:
     """A notification vector outside 32..255 is ERANGE; the old target stays."""
-    cmd = CMDS[2]
-    env.refused(env.table.fd, cmd.request, arg_for(cmd, nv=nv), errno.ERANGE)
+    cmd = BY_NAME["SET_NOTIFY"]
+    env.refused(env.table.fd, cmd.request, env.arg(cmd, nv=nv), errno.ERANGE)
     env.target_intact()
 
 
 def test_set_sn_value_out_of_set(env: Env) -> None:
     """suppress is 0 or 1; 2 is EINVAL."""
-    cmd = CMDS[3]
-    env.refused(env.table.fd, cmd.request, arg_for(cmd, suppress=2), errno.EINVAL)
+    cmd = BY_NAME["SET_SN"]
+    env.refused(env.table.fd, cmd.request, env.arg(cmd, suppress=2), errno.EINVAL)
 
 
 def _closed_fd() -> int:
@@ -269,28 +307,36 @@ def _closed_fd() -> int:
     return high
 
 
+FD_CMDS = ["SET_NOTIFY", "BIND"]
+
+
+@pytest.mark.parametrize("name", FD_CMDS)
 @pytest.mark.parametrize("fd", [-2, -100, 0x7FFFFFFF], ids=["-2", "-100", "huge"])
-def test_set_notify_fd_not_open(env: Env, fd: int) -> None:
+def test_fd_not_open(env: Env, name: str, fd: int) -> None:
     """An eventfd field that names no open file is EBADF; the old target stays."""
-    cmd = CMDS[2]
-    env.refused(env.table.fd, cmd.request, arg_for(cmd, eventfd=fd), errno.EBADF)
+    cmd = BY_NAME[name]
+    env.refused(env.table.fd, cmd.request, env.arg(cmd, eventfd=fd), errno.EBADF)
     env.target_intact()
 
 
-def test_set_notify_closed_fd(env: Env) -> None:
+@pytest.mark.parametrize("name", FD_CMDS)
+def test_closed_fd(env: Env, name: str) -> None:
     """A just-closed fd is EBADF."""
-    cmd = CMDS[2]
-    env.refused(env.table.fd, cmd.request, arg_for(cmd, eventfd=_closed_fd()), errno.EBADF)
+    cmd = BY_NAME[name]
+    env.refused(env.table.fd, cmd.request, env.arg(cmd, eventfd=_closed_fd()), errno.EBADF)
     env.target_intact()
 
 
-@pytest.mark.parametrize("kind", ["table", "device", "pipe", "file", "socket"])
-def test_set_notify_fd_not_an_eventfd(env: Env, kind: str) -> None:
-    """A table fd, /dev/kvmlu, a pipe, a regular file or a socket is not an eventfd: EINVAL."""
-    cmd = CMDS[2]
+@pytest.mark.parametrize("name", FD_CMDS)
+@pytest.mark.parametrize("kind", ["table", "binding", "device", "pipe", "file", "socket"])
+def test_fd_not_an_eventfd(env: Env, name: str, kind: str) -> None:
+    """A kvmlu fd, a pipe, a regular file or a socket is not an eventfd: EINVAL."""
+    cmd = BY_NAME[name]
     opened: list[int] = []
     if kind == "table":
         fd = env.table.fd
+    elif kind == "binding":
+        fd = env.binding.fd
     elif kind == "device":
         fd = env.dev.fd
     elif kind == "pipe":
@@ -305,8 +351,22 @@ def test_set_notify_fd_not_an_eventfd(env: Env, kind: str) -> None:
         opened.append(s.detach())
         fd = opened[-1]
     try:
-        env.refused(env.table.fd, cmd.request, arg_for(cmd, eventfd=fd), errno.EINVAL)
+        env.refused(env.table.fd, cmd.request, env.arg(cmd, eventfd=fd), errno.EINVAL)
     finally:
         for o in opened:
             os.close(o)
     env.target_intact()
+
+
+def test_bind_same_eventfd_twice(env: Env) -> None:
+    """An eventfd bound to the table already is EBUSY, even for another vCPU and vector."""
+    cmd = BY_NAME["BIND"]
+    env.refused(env.table.fd, cmd.request, env.arg(cmd, eventfd=env.bound_src, vcpu=5), errno.EBUSY)
+
+
+def test_bind_eventfd_that_is_the_notify_target(env: Env) -> None:
+    """A table's own notification eventfd may be bound (the loop is bounded by ON)."""
+    with env.table.bind(env.efd, 4, 0x44):
+        env.table.fetch(1)
+        env.table.post(1, 0x45)  # ON rises: signals efd, whose binding posts 0x44
+        assert 0x44 in env.table.pir(4)

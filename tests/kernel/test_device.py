@@ -36,6 +36,7 @@ def test_query(dev: Device) -> None:
     assert info.api_version == lib.KVMLU_API_VERSION
     assert info.max_vcpus == lib.KVMLU_MAX_VCPUS == 1024
     assert info.capabilities & lib.KVMLU_CAP_TABLES
+    assert info.capabilities & lib.KVMLU_CAP_BINDINGS
 
 
 def test_query_counts_tables(dev: Device) -> None:
@@ -44,6 +45,27 @@ def test_query_counts_tables(dev: Device) -> None:
     with dev.create_table(2), dev.create_table(3):
         assert dev.query().nr_tables == base + 2
     assert dev.query().nr_tables == base
+
+
+def test_query_counters_survive_table_close(dev: Device) -> None:
+    """QUERY's counters include tables already closed; bindings are counted while alive."""
+    before = dev.query()
+    src = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        with dev.create_table(2) as t:
+            t.post(0, 0x40)
+            t.post(0, 0x40)
+            with t.bind(src, 1, 0x41):
+                assert dev.query().nr_bindings == before.nr_bindings + 1
+                os.eventfd_write(src, 1)
+        after = dev.query()
+    finally:
+        os.close(src)
+    assert after.nr_bindings == before.nr_bindings
+    assert after.stats.signals - before.stats.signals == 3
+    assert after.stats.posted - before.stats.posted == 2
+    assert after.stats.coalesced - before.stats.coalesced == 1
+    assert after.stats.notified - before.stats.notified == 2
 
 
 def test_table_fd_is_cloexec(dev: Device) -> None:

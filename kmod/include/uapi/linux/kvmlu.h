@@ -135,6 +135,26 @@ _Static_assert(__builtin_offsetof(struct kvmlu_pi_desc, control) == 32,
 #endif
 
 /**
+ * struct kvmlu_stats - what the posting engine did
+ * @signals: Posts asked for: eventfd counts consumed by bindings, and POST
+ *	calls. Always @posted + @coalesced.
+ * @posted: Posts that set a PIR bit that was clear.
+ * @coalesced: Posts of a vector that was already pending.
+ * @notified: Times ON went from 0 to 1 (after a post, or when SN was
+ *	cleared with vectors pending); each signals the target if one is set.
+ * @suppressed: Posts that set a PIR bit while SN was set.
+ *
+ * All fields are Output.
+ */
+struct kvmlu_stats {
+	__aligned_u64 signals;
+	__aligned_u64 posted;
+	__aligned_u64 coalesced;
+	__aligned_u64 notified;
+	__aligned_u64 suppressed;
+};
+
+/**
  * struct kvmlu_query - KVMLU_QUERY: what this kvmlu module offers
  * @size: Input. sizeof(struct kvmlu_query).
  * @flags: Input. Must be zero.
@@ -142,6 +162,9 @@ _Static_assert(__builtin_offsetof(struct kvmlu_pi_desc, control) == 32,
  * @max_vcpus: Output. The largest vCPU count of a table.
  * @capabilities: Output. KVMLU_CAP_* bits.
  * @nr_tables: Output. Tables that currently exist, in any process.
+ * @nr_bindings: Output. IRQ bindings that currently exist.
+ * @stats: Output. The posting counters of every table since the module was
+ *	loaded, those closed included.
  *
  * Issued on /dev/kvmlu.
  */
@@ -152,6 +175,8 @@ struct kvmlu_query {
 	__u32 max_vcpus;
 	__aligned_u64 capabilities;
 	__aligned_u64 nr_tables;
+	__aligned_u64 nr_bindings;
+	struct kvmlu_stats stats;
 };
 
 /* Descriptor tables, their ioctls and a read-only mmap(). */
@@ -328,25 +353,6 @@ struct kvmlu_table_bind {
 
 #define KVMLU_TABLE_BIND _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_TABLE_BIND)
 
-/**
- * struct kvmlu_stats - what the posting engine did
- * @signals: Posts asked for: eventfd counts consumed by bindings, and POST
- *	calls. Always @posted + @coalesced.
- * @posted: Posts that set a PIR bit that was clear.
- * @coalesced: Posts of a vector that was already pending.
- * @notified: Times ON went from 0 to 1 (after a post, or when SN was
- *	cleared with vectors pending); each signals the target if one is set.
- * @suppressed: Posts that set a PIR bit while SN was set.
- *
- * All fields are Output.
- */
-struct kvmlu_stats {
-	__aligned_u64 signals;
-	__aligned_u64 posted;
-	__aligned_u64 coalesced;
-	__aligned_u64 notified;
-	__aligned_u64 suppressed;
-};
 
 /**
  * struct kvmlu_table_info - KVMLU_TABLE_INFO: a table's size and counters
