@@ -2,19 +2,23 @@
 
 It builds an 8-vCPU descriptor table, gives each vCPU a notification eventfd,
 posts a pattern of vectors (with one vCPU suppressed and some vectors posted
-twice), prints every descriptor as read through the read-only mapping, then
-takes one vCPU's vectors with a fetch.
+twice), binds the MSI of an edu device (through vfio-pci) to vCPU 6 and
+raises it, prints every descriptor as read through the read-only mapping,
+then takes one vCPU's vectors with a fetch.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
+from pyctl.edu import Edu, find_vfio_edu
 from pyctl.kvmlu import Device, PostResult, Table
 from pyctl.status import print_status
 
 NR_VCPUS = 8
 NOTIFY_VECTOR = 0xF2
+MSI_VCPU, MSI_VECTOR = 6, 0x66
 
 
 def _drain(fd: int) -> int:
@@ -36,6 +40,27 @@ def print_table(table: Table, signals: list[int]) -> None:
         )
 
 
+def raise_msi(table: Table) -> bool:
+    """Bind the first edu device's MSI to (MSI_VCPU, MSI_VECTOR) and raise it once."""
+    bdfs = find_vfio_edu()
+    if not bdfs:
+        print("no edu device on vfio-pci: skipping the MSI")
+        return False
+    with Edu(bdfs[0]) as edu:
+        msi = edu.enable_msi()
+        try:
+            with table.bind(msi, MSI_VCPU, MSI_VECTOR) as b:
+                edu.raise_irq()
+                deadline = time.monotonic() + 10
+                while not b.info().stats.signals and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                print(f"edu {bdfs[0]}: one MSI raised -> binding {b.info().stats}")
+                return b.info().stats.signals == 1
+        finally:
+            edu.disable_msi()
+            os.close(msi)
+
+
 def run(dev: Device) -> int:
     """Run the demo on ``dev``; returns 0 if every descriptor matched what was posted."""
     efds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(NR_VCPUS)]
@@ -52,6 +77,9 @@ def run(dev: Device) -> int:
                     expected[v].add(vec)
                     for flag in PostResult:
                         counts[flag] += bool(r & flag)
+            msi = raise_msi(table)
+            if msi:
+                expected[MSI_VCPU].add(MSI_VECTOR)
             signals = [_drain(fd) for fd in efds]
             print(f"8-vCPU table, fd {table.fd}, mapped read-only ({table.map_size} bytes)")
             print("posts:", ", ".join(f"{str(f.name).lower()} {n}" for f, n in counts.items()))

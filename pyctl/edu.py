@@ -9,6 +9,7 @@ remapping to VFIO's handler, which signals the eventfd.
 from __future__ import annotations
 
 import os
+import struct
 from types import TracebackType
 from typing import Any, Self
 
@@ -58,6 +59,7 @@ class Edu:
         self.bdf = bdf
         self.vfio = VfioPciDevice.open(bdf)
         try:
+            self._bar_offset = self.vfio.region(lib.VFIO_PCI_BAR0_REGION_INDEX).offset
             self._bar = self.vfio.map_region(lib.VFIO_PCI_BAR0_REGION_INDEX)
             self._regs: Any = ffi.from_buffer("uint32_t[]", self._bar)
             self.vfio.enable_bus_master()
@@ -88,10 +90,19 @@ class Edu:
     def disable_msi(self) -> None:
         self.vfio.disable_irqs(lib.VFIO_PCI_MSI_IRQ_INDEX)
 
-    def raise_irq(self, bits: int = 1) -> None:
-        """Make the device send one MSI, then acknowledge its status bits."""
-        self.write(REG_IRQ_RAISE, bits)
-        self.write(REG_IRQ_ACK, bits)
+    def write_syscall(self, reg: int, value: int) -> None:
+        """The same store through pwrite() on the VFIO device fd; the GIL is released."""
+        os.pwrite(self.vfio.fd, struct.pack("<I", value), self._bar_offset + reg)
+
+    def raise_irq(self, bits: int = 1, *, syscall: bool = False) -> None:
+        """Make the device send one MSI, then acknowledge its status bits.
+
+        With ``syscall`` the stores go through pwrite() rather than the mapped
+        BAR, so other Python threads run while the store traps.
+        """
+        write = self.write_syscall if syscall else self.write
+        write(REG_IRQ_RAISE, bits)
+        write(REG_IRQ_ACK, bits)
 
     def close(self) -> None:
         """Unmap BAR0 and close the VFIO fds; the MSI eventfd is the caller's."""

@@ -189,7 +189,7 @@ def guest_command(opts: VmOptions) -> str:
     argv += ["--expect-edu", str(opts.edu)]
     for module in opts.modules:
         argv += ["--module", str(module)]
-    for item in opts.env:
+    for item in [f"KVMLU_ACCEL={opts.accel}", *opts.env]:
         argv += ["--env", item]
     argv += ["--", *opts.command]
     return f"PYTHONPATH={shlex.quote(str(opts.checkout))} exec {shlex.join(argv)} 2>&1"

@@ -91,7 +91,8 @@ def test_exec_runs_guest_runner_then_quoted_command(tmp_path: Path) -> None:
     assert words[2:5] == ["/src/kvmlu/.venv/bin/python", "-m", "pyctl.guest"]
     assert value_of(words, "--status-file") == str(tmp_path / "results" / "status.json")
     assert [words[i + 1] for i, w in enumerate(words) if w == "--module"] == [str(m) for m in mods]
-    assert value_of(words, "--env") == "A=1"
+    envs = [words[i + 1] for i, w in enumerate(words) if w == "--env"]
+    assert envs == ["KVMLU_ACCEL=tcg", "A=1"], "the accelerator is announced to the guest"
     sep = words.index("--")
     assert words[sep + 1 : sep + 4] == ["sh", "-c", "echo 'hello world'; exit 3"]
     assert words[-1] == "2>&1"
