@@ -165,6 +165,11 @@ static const struct file_operations kvmlu_binding_fops = {
 	.llseek = noop_llseek,
 };
 
+bool kvmlu_is_binding_file(struct file *file)
+{
+	return file->f_op == &kvmlu_binding_fops;
+}
+
 /* Is @ctx bound to @table already? Caller holds &kvmlu_table.bind_lock. */
 static bool kvmlu_table_has_eventfd(struct kvmlu_table *table,
 				    struct eventfd_ctx *ctx)

@@ -72,6 +72,11 @@ union kvmlu_ucmd_buffer {
 	struct kvmlu_table_bind bind;
 	struct kvmlu_table_info table_info;
 	struct kvmlu_binding_info binding_info;
+	struct kvmlu_session_create session_create;
+	struct kvmlu_list_sessions list_sessions;
+	struct kvmlu_session_preserve session_preserve;
+	struct kvmlu_session_token session_token;
+	struct kvmlu_session_finish session_finish;
 };
 
 long kvmlu_ioctl_dispatch(const struct kvmlu_ioctl_op *ops, size_t nr_ops,
@@ -167,5 +172,12 @@ u32 kvmlu_post(struct kvmlu_table *table, u32 vcpu, u32 vector, u64 count,
 	       bool defer);
 
 int kvmlu_table_bind(struct kvmlu_ucmd *ucmd);
+bool kvmlu_is_table_file(struct file *file);
+bool kvmlu_is_binding_file(struct file *file);
+
+int kvmlu_create_session(struct kvmlu_ucmd *ucmd);
+int kvmlu_retrieve_session(struct kvmlu_ucmd *ucmd);
+int kvmlu_list_sessions(struct kvmlu_ucmd *ucmd);
+u32 kvmlu_session_count(void);
 
 #endif /* _KVMLU_INTERNAL_H */

@@ -2,10 +2,10 @@
 /*
  * kvmlu: the persistent base module.
  *
- * /dev/kvmlu creates descriptor tables. Each object is an anonymous-inode file
- * that holds a reference on this module, so the module cannot be unloaded
- * while any object exists: delete_module() fails with EBUSY until the last
- * file descriptor and mapping are gone.
+ * /dev/kvmlu creates descriptor tables and sessions. Each object is an
+ * anonymous-inode file that holds a reference on this module, and so does
+ * each session until it is finished, so the module cannot be unloaded while
+ * any object or preserved session exists: delete_module() fails with EBUSY.
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
@@ -92,8 +92,11 @@ static int kvmlu_query(struct kvmlu_ucmd *ucmd)
 		return -EINVAL;
 	q->api_version = KVMLU_API_VERSION;
 	q->max_vcpus = KVMLU_MAX_VCPUS;
-	q->capabilities = KVMLU_CAP_TABLES | KVMLU_CAP_BINDINGS;
+	q->capabilities = KVMLU_CAP_TABLES | KVMLU_CAP_BINDINGS |
+			  KVMLU_CAP_SESSIONS;
 	kvmlu_tables_totals(&q->nr_tables, &q->nr_bindings, &q->stats);
+	q->nr_sessions = kvmlu_session_count();
+	q->reserved = 0;
 	return kvmlu_ucmd_respond(ucmd, sizeof(*q));
 }
 
@@ -134,6 +137,14 @@ static const struct kvmlu_ioctl_op kvmlu_dev_ops[] = {
 		       struct kvmlu_query, stats),
 	KVMLU_IOCTL_OP(KVMLU_CMD_BASE, KVMLU_CREATE_TABLE, kvmlu_create_table,
 		       struct kvmlu_create_table, fd),
+	KVMLU_IOCTL_OP(KVMLU_CMD_BASE, KVMLU_CREATE_SESSION,
+		       kvmlu_create_session, struct kvmlu_session_create,
+		       reserved),
+	KVMLU_IOCTL_OP(KVMLU_CMD_BASE, KVMLU_RETRIEVE_SESSION,
+		       kvmlu_retrieve_session, struct kvmlu_session_create,
+		       reserved),
+	KVMLU_IOCTL_OP(KVMLU_CMD_BASE, KVMLU_LIST_SESSIONS, kvmlu_list_sessions,
+		       struct kvmlu_list_sessions, entries),
 };
 
 static long kvmlu_dev_ioctl(struct file *file, unsigned int cmd,

@@ -281,6 +281,27 @@ static int kvmlu_table_mmap(struct file *file, struct vm_area_struct *vma)
 			       vma->vm_pgoff, len, vma->vm_page_prot);
 }
 
+/*
+ * A new owner takes over @vcpu: what arrived while nobody listened must
+ * reach it. PIR is only read. ON is set (never cleared: a concurrent post may
+ * rely on it) if SN is clear and a vector is pending; if ON is then set, the
+ * new target is signalled once, even if ON was set before, because the
+ * signal that set it went to the previous owner. Caller holds @table->lock.
+ */
+static void kvmlu_attach(struct kvmlu_table *table, u32 vcpu)
+{
+	struct kvmlu_pi_desc *desc = &table->desc[vcpu];
+	struct kvmlu_vcpu *v = &table->vcpus[vcpu];
+
+	lockdep_assert_held(&table->lock);
+	if (!test_bit(KVMLU_PI_SN_BIT, kvmlu_ctl(desc)) &&
+	    !kvmlu_pir_empty(desc) &&
+	    !test_and_set_bit(KVMLU_PI_ON_BIT, kvmlu_ctl(desc)))
+		atomic64_inc(&table->counters.notified);
+	if (test_bit(KVMLU_PI_ON_BIT, kvmlu_ctl(desc)) && v->notify)
+		kvmlu_eventfd_signal(v->notify, 1);
+}
+
 static int kvmlu_table_set_notify(struct kvmlu_ucmd *ucmd)
 {
 	struct kvmlu_table_set_notify *sn = ucmd->cmd;
@@ -290,7 +311,7 @@ static int kvmlu_table_set_notify(struct kvmlu_ucmd *ucmd)
 	unsigned long flags;
 	u64 ctl, cfg;
 
-	if (sn->flags)
+	if (sn->flags & ~KVMLU_SET_NOTIFY_FLAGS)
 		return -EINVAL;
 	if (sn->vcpu >= table->nr_vcpus)
 		return -ERANGE;
@@ -314,6 +335,8 @@ static int kvmlu_table_set_notify(struct kvmlu_ucmd *ucmd)
 	while (!try_cmpxchg64(&desc->control, &ctl,
 			      (ctl & ~KVMLU_PI_CONFIG_MASK) | cfg))
 		;
+	if (sn->flags & KVMLU_SET_NOTIFY_ATTACH)
+		kvmlu_attach(table, sn->vcpu);
 	spin_unlock_irqrestore(&table->lock, flags);
 
 	if (old)
@@ -458,6 +481,11 @@ static const struct file_operations kvmlu_table_fops = {
 	.mmap = kvmlu_table_mmap,
 	.llseek = noop_llseek,
 };
+
+bool kvmlu_is_table_file(struct file *file)
+{
+	return file->f_op == &kvmlu_table_fops;
+}
 
 /**
  * kvmlu_table_create() - allocate a table and the file that owns it

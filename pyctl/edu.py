@@ -55,9 +55,10 @@ def find_vfio_edu() -> list[str]:
 class Edu:
     """One edu function opened through VFIO, its MSI wired to an eventfd."""
 
-    def __init__(self, bdf: str) -> None:
+    def __init__(self, bdf: str, vfio: VfioPciDevice | None = None) -> None:
+        """Open ``bdf`` through VFIO, or use ``vfio`` (an adopted device fd)."""
         self.bdf = bdf
-        self.vfio = VfioPciDevice.open(bdf)
+        self.vfio = VfioPciDevice.open(bdf) if vfio is None else vfio
         try:
             self._bar_offset = self.vfio.region(lib.VFIO_PCI_BAR0_REGION_INDEX).offset
             self._bar = self.vfio.map_region(lib.VFIO_PCI_BAR0_REGION_INDEX)

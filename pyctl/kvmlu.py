@@ -134,6 +134,7 @@ class ApiInfo:
     capabilities: int
     nr_tables: int
     nr_bindings: int
+    nr_sessions: int
     stats: Stats
 
 
@@ -212,10 +213,25 @@ class Table(_FdObject):
     def __repr__(self) -> str:
         return f"<Table fd={self._fd} nr_vcpus={self.nr_vcpus}>"
 
-    def set_notify(self, vcpu: int, eventfd: int | None, nv: int, ndst: int) -> None:
-        """Signal ``eventfd`` (or nothing, for None) on each ON transition of ``vcpu``."""
+    @classmethod
+    def from_fd(cls, fd: int) -> Table:
+        """Adopt a table fd (retrieved or received); asks the kernel for its size."""
+        arg = new_arg("kvmlu_table_info")
+        ioctl(fd, lib.KVMLU_TABLE_INFO, arg)
+        return cls(fd, int(arg.nr_vcpus))
+
+    def set_notify(
+        self, vcpu: int, eventfd: int | None, nv: int, ndst: int, *, attach: bool = False
+    ) -> None:
+        """Signal ``eventfd`` (or nothing, for None) on each ON transition of ``vcpu``.
+
+        With ``attach`` the caller takes the descriptor over from a previous
+        owner: if a vector is pending ON is set, and the new target is
+        signalled once if ON is set. PIR is never written.
+        """
         arg = new_arg(
             "kvmlu_table_set_notify",
+            flags=lib.KVMLU_SET_NOTIFY_ATTACH if attach else 0,
             vcpu=vcpu,
             eventfd=-1 if eventfd is None else eventfd,
             nv=nv,
@@ -309,6 +325,60 @@ class Table(_FdObject):
         super().close()
 
 
+@dataclass(frozen=True)
+class SessionEntry:
+    """One session as KVMLU_LIST_SESSIONS reports it."""
+
+    name: str
+    nr_objects: int
+    held: bool
+
+
+class Session(_FdObject):
+    """A named set of preserved files, handed from a process to its successor.
+
+    Objects are preserved under u64 tokens the caller picks. Closing the fd
+    leaves the session (and its objects) in the kernel; :meth:`finish` ends it.
+    """
+
+    _what = "session"
+
+    def __init__(self, fd: int, name: str) -> None:
+        super().__init__(fd)
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<Session {self.name!r} fd={self._fd}>"
+
+    def preserve(self, fd: int, token: int) -> None:
+        """Keep the file behind ``fd`` under ``token``; the caller's fd is untouched."""
+        arg = new_arg("kvmlu_session_preserve", fd=fd, token=token)
+        ioctl(self.fd, lib.KVMLU_SESSION_PRESERVE, arg)
+
+    def retrieve(self, token: int) -> int:
+        """A new O_CLOEXEC fd for the object under ``token``; it stays preserved."""
+        arg = new_arg("kvmlu_session_token", token=token)
+        ioctl(self.fd, lib.KVMLU_SESSION_RETRIEVE, arg)
+        return int(arg.fd)
+
+    def unpreserve(self, token: int) -> None:
+        """Drop the session's reference to the object under ``token``."""
+        ioctl(self.fd, lib.KVMLU_SESSION_UNPRESERVE, new_arg("kvmlu_session_token", token=token))
+
+    def finish(self) -> None:
+        """Drop every object the session holds and end it; its name is free again."""
+        ioctl(self.fd, lib.KVMLU_SESSION_FINISH, new_arg("kvmlu_session_finish"))
+
+
+def _name_arg(name: str) -> Any:
+    raw = name.encode()
+    arg = new_arg("kvmlu_session_create")
+    if len(raw) > len(arg.name):
+        raise ValueError(f"session name longer than {len(arg.name)} bytes")
+    arg.name[0 : len(raw)] = list(raw)
+    return arg
+
+
 class Device(_FdObject):
     """``/dev/kvmlu``: queries the module and creates tables."""
 
@@ -326,8 +396,41 @@ class Device(_FdObject):
             int(arg.capabilities),
             int(arg.nr_tables),
             int(arg.nr_bindings),
+            int(arg.nr_sessions),
             Stats.from_cdata(arg.stats),
         )
+
+    def create_session(self, name: str) -> Session:
+        """A new session called ``name`` (EEXIST: :class:`ExistsError` if taken)."""
+        arg = _name_arg(name)
+        ioctl(self.fd, lib.KVMLU_CREATE_SESSION, arg)
+        return Session(int(arg.fd), name)
+
+    def retrieve_session(self, name: str) -> Session:
+        """Open the existing session ``name``; EBUSY while another fd of it is open."""
+        arg = _name_arg(name)
+        ioctl(self.fd, lib.KVMLU_RETRIEVE_SESSION, arg)
+        return Session(int(arg.fd), name)
+
+    def list_sessions(self) -> list[SessionEntry]:
+        """Every session that exists, with its object count and whether it is held."""
+        while True:
+            count = self.query().nr_sessions + 4
+            entries = ffi.new("struct kvmlu_session_entry[]", count)
+            arg = new_arg(
+                "kvmlu_list_sessions", count=count, entries=int(ffi.cast("uintptr_t", entries))
+            )
+            ioctl(self.fd, lib.KVMLU_LIST_SESSIONS, arg)
+            if arg.nr_sessions <= count:
+                break
+        return [
+            SessionEntry(
+                bytes(ffi.buffer(entries[i].name)).split(b"\0")[0].decode(errors="replace"),
+                int(entries[i].nr_objects),
+                bool(entries[i].state & lib.KVMLU_SESSION_HELD),
+            )
+            for i in range(arg.nr_sessions)
+        ]
 
     def create_table(self, nr_vcpus: int) -> Table:
         """A new table of ``nr_vcpus`` zeroed descriptors."""

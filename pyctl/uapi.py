@@ -31,6 +31,11 @@ REQUEST_NAMES: dict[int, str] = {
         "KVMLU_BINDING_CMD_BASE",
         "KVMLU_BINDING_ACTIVE",
         "KVMLU_BINDING_HUP",
+        "KVMLU_SESSION_CMD_BASE",
+        "KVMLU_SET_NOTIFY_ATTACH",
+        "KVMLU_SET_NOTIFY_FLAGS",
+        "KVMLU_SESSION_NAME_LEN",
+        "KVMLU_SESSION_HELD",
     }
 }
 

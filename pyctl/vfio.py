@@ -75,7 +75,7 @@ class VfioPciDevice:
     The three fds are O_CLOEXEC and closed together, device first.
     """
 
-    def __init__(self, bdf: str, container: int, group: int, device: int) -> None:
+    def __init__(self, bdf: str, container: int | None, group: int | None, device: int) -> None:
         self.bdf = bdf
         self.container_fd: int | None = container
         self.group_fd: int | None = group
@@ -111,6 +111,15 @@ class VfioPciDevice:
                     os.close(fd)
             raise
         return cls(bdf, container, group, device)
+
+    @classmethod
+    def from_device_fd(cls, bdf: str, device_fd: int) -> VfioPciDevice:
+        """Adopt a device fd received or retrieved from elsewhere.
+
+        The container and group stay with whoever holds them (a session, or
+        the process that opened them); this object closes only ``device_fd``.
+        """
+        return cls(bdf, None, None, device_fd)
 
     @property
     def fd(self) -> int:

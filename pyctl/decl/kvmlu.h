@@ -6,6 +6,7 @@
 typedef unsigned int __u32;
 typedef int __s32;
 typedef unsigned long long __u64;
+typedef unsigned char __u8;
 
 #define KVMLU_IOCTL_TYPE ...
 #define KVMLU_API_VERSION ...
@@ -17,6 +18,14 @@ typedef unsigned long long __u64;
 static const int KVMLU_CMD_BASE;
 static const int KVMLU_CMD_QUERY;
 static const int KVMLU_CMD_CREATE_TABLE;
+static const int KVMLU_CMD_CREATE_SESSION;
+static const int KVMLU_CMD_RETRIEVE_SESSION;
+static const int KVMLU_CMD_LIST_SESSIONS;
+static const int KVMLU_SESSION_CMD_BASE;
+static const int KVMLU_CMD_SESSION_PRESERVE;
+static const int KVMLU_CMD_SESSION_RETRIEVE;
+static const int KVMLU_CMD_SESSION_UNPRESERVE;
+static const int KVMLU_CMD_SESSION_FINISH;
 static const int KVMLU_TABLE_CMD_BASE;
 static const int KVMLU_CMD_TABLE_SET_NOTIFY;
 static const int KVMLU_CMD_TABLE_SET_SN;
@@ -30,6 +39,13 @@ static const int KVMLU_CMD_BINDING_INFO;
 
 #define KVMLU_QUERY ...
 #define KVMLU_CREATE_TABLE ...
+#define KVMLU_CREATE_SESSION ...
+#define KVMLU_RETRIEVE_SESSION ...
+#define KVMLU_LIST_SESSIONS ...
+#define KVMLU_SESSION_PRESERVE ...
+#define KVMLU_SESSION_RETRIEVE ...
+#define KVMLU_SESSION_UNPRESERVE ...
+#define KVMLU_SESSION_FINISH ...
 #define KVMLU_TABLE_SET_NOTIFY ...
 #define KVMLU_TABLE_SET_SN ...
 #define KVMLU_TABLE_PEEK ...
@@ -43,6 +59,11 @@ static const int KVMLU_CMD_BINDING_INFO;
 #define KVMLU_CAP_BINDINGS ...
 #define KVMLU_BINDING_ACTIVE ...
 #define KVMLU_BINDING_HUP ...
+#define KVMLU_CAP_SESSIONS ...
+#define KVMLU_SET_NOTIFY_ATTACH ...
+#define KVMLU_SET_NOTIFY_FLAGS ...
+#define KVMLU_SESSION_NAME_LEN ...
+#define KVMLU_SESSION_HELD ...
 
 #define KVMLU_PI_ON_BIT ...
 #define KVMLU_PI_SN_BIT ...
@@ -79,6 +100,8 @@ struct kvmlu_query {
 	__u64 capabilities;
 	__u64 nr_tables;
 	__u64 nr_bindings;
+	__u32 nr_sessions;
+	__u32 reserved;
 	struct kvmlu_stats stats;
 	...;
 };
@@ -165,6 +188,55 @@ struct kvmlu_binding_info {
 	__u32 state;
 	__u32 reserved;
 	struct kvmlu_stats stats;
+	...;
+};
+
+struct kvmlu_session_create {
+	__u32 size;
+	__u32 flags;
+	__u8 name[64];
+	__s32 fd;
+	__u32 reserved;
+	...;
+};
+
+struct kvmlu_session_entry {
+	__u8 name[64];
+	__u32 nr_objects;
+	__u32 state;
+	...;
+};
+
+struct kvmlu_list_sessions {
+	__u32 size;
+	__u32 flags;
+	__u32 count;
+	__u32 nr_sessions;
+	__u64 entries;
+	...;
+};
+
+struct kvmlu_session_preserve {
+	__u32 size;
+	__u32 flags;
+	__s32 fd;
+	__u32 reserved;
+	__u64 token;
+	...;
+};
+
+struct kvmlu_session_token {
+	__u32 size;
+	__u32 flags;
+	__u64 token;
+	__s32 fd;
+	__u32 reserved;
+	...;
+};
+
+struct kvmlu_session_finish {
+	__u32 size;
+	__u32 flags;
 	...;
 };
 

@@ -2,7 +2,6 @@
  * What Python sees of the system's <linux/vfio.h>: layouts and values come
  * from the real header when the cffi extension is built.
  */
-typedef unsigned char __u8;
 
 #define VFIO_API_VERSION ...
 #define VFIO_TYPE1_IOMMU ...

@@ -63,6 +63,11 @@ def test_pi_desc_layout() -> None:
         "kvmlu_table_bind",
         "kvmlu_table_info",
         "kvmlu_binding_info",
+        "kvmlu_session_create",
+        "kvmlu_list_sessions",
+        "kvmlu_session_preserve",
+        "kvmlu_session_token",
+        "kvmlu_session_finish",
     ],
 )
 def test_structs_start_with_size_and_flags(struct: str) -> None:

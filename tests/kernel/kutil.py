@@ -24,15 +24,21 @@ def snapshot(table: Table) -> tuple[Descriptor, ...]:
     return tuple(table.view(v) for v in range(table.nr_vcpus))
 
 
-def raw_arg(struct: str, size: int | None = None, tail: bytes = b"", **fields: int) -> bytearray:
+def raw_arg(
+    struct: str, size: int | None = None, tail: bytes = b"", **fields: int | bytes
+) -> bytearray:
     """The bytes of ``struct <struct>`` with ``fields``, ``size`` and ``tail`` appended.
 
     ``size`` defaults to the structure's size plus the tail's length, so a
-    tail makes the structure look larger than the kernel's.
+    tail makes the structure look larger than the kernel's. A bytes value
+    fills an array field from its start.
     """
     arg: Any = ffi.new(f"struct {struct} *")
     for name, value in fields.items():
-        setattr(arg, name, value)
+        if isinstance(value, bytes):
+            getattr(arg, name)[0 : len(value)] = list(value)
+        else:
+            setattr(arg, name, value)
     body = bytes(ffi.buffer(arg))
     arg.size = len(body) + len(tail) if size is None else size
     return bytearray(bytes(ffi.buffer(arg)) + tail)

@@ -18,7 +18,7 @@ import pytest
 from kutil import eventfd_count, fd_count, raw_arg, snapshot
 
 from pyctl.errors import KvmluError
-from pyctl.kvmlu import Device, PostResult, Table
+from pyctl.kvmlu import Device, PostResult, Session, Table
 from pyctl.uapi import ffi, ioctl, lib
 
 SRC = -1000  # in a field list: stands for the eventfd a BIND would consume
@@ -31,9 +31,10 @@ class Cmd:
     name: str
     request: int
     struct: str
-    on: str  # "dev", "table" or "binding"
+    on: str  # "dev", "table", "binding" or "session"
     fields: dict[str, Any] = field(default_factory=dict)
     reserved: tuple[str, ...] = ()
+    known_flags: int = 0
 
     def __repr__(self) -> str:
         return self.name
@@ -48,6 +49,7 @@ CMDS = [
         "kvmlu_table_set_notify",
         "table",
         {"vcpu": 1, "eventfd": -1, "nv": 0x55, "ndst": 9},
+        known_flags=lib.KVMLU_SET_NOTIFY_FLAGS,
     ),
     Cmd(
         "SET_SN",
@@ -75,15 +77,62 @@ CMDS = [
     ),
     Cmd("TABLE_INFO", lib.KVMLU_TABLE_INFO, "kvmlu_table_info", "table"),
     Cmd("BINDING_INFO", lib.KVMLU_BINDING_INFO, "kvmlu_binding_info", "binding"),
+    Cmd(
+        "CREATE_SESSION",
+        lib.KVMLU_CREATE_SESSION,
+        "kvmlu_session_create",
+        "dev",
+        {"name": b"badinput-new"},
+        ("reserved",),
+    ),
+    Cmd(
+        "RETRIEVE_SESSION",
+        lib.KVMLU_RETRIEVE_SESSION,
+        "kvmlu_session_create",
+        "dev",
+        {"name": b"badinput-parked"},
+        ("reserved",),
+    ),
+    Cmd("LIST_SESSIONS", lib.KVMLU_LIST_SESSIONS, "kvmlu_list_sessions", "dev"),
+    Cmd(
+        "PRESERVE",
+        lib.KVMLU_SESSION_PRESERVE,
+        "kvmlu_session_preserve",
+        "session",
+        {"fd": SRC, "token": 77},
+        ("reserved",),
+    ),
+    Cmd(
+        "RETRIEVE",
+        lib.KVMLU_SESSION_RETRIEVE,
+        "kvmlu_session_token",
+        "session",
+        {"token": 1},
+        ("reserved",),
+    ),
+    Cmd(
+        "UNPRESERVE",
+        lib.KVMLU_SESSION_UNPRESERVE,
+        "kvmlu_session_token",
+        "session",
+        {"token": 1},
+        ("reserved",),
+    ),
+    Cmd("FINISH", lib.KVMLU_SESSION_FINISH, "kvmlu_session_finish", "session"),
 ]
 BY_NAME = {c.name: c for c in CMDS}
 
 #: The smallest size each structure accepts: the whole v1 structure.
 MIN_SIZES = {
-    "kvmlu_query": 80,
+    "kvmlu_query": 88,
     "kvmlu_table_bind": 24,
     "kvmlu_table_info": 56,
     "kvmlu_binding_info": 64,
+    "kvmlu_session_create": 80,
+    "kvmlu_list_sessions": 24,
+    "kvmlu_session_preserve": 24,
+    "kvmlu_session_token": 24,
+    "kvmlu_session_finish": 8,
     "kvmlu_create_table": 16,
     "kvmlu_table_set_notify": 24,
     "kvmlu_table_set_sn": 16,
@@ -105,19 +154,37 @@ class Env:
         self.src = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.bound_src = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.binding = table.bind(self.bound_src, 2, 0x52)
+        self.session = dev.create_session("badinput")
+        self.session.preserve(table.fd, 1)
+        dev.create_session("badinput-parked").close()
 
     def close(self) -> None:
         self.binding.close()
         os.close(self.src)
         os.close(self.bound_src)
+        self.session.finish()
+        self.session.close()
+        for e in self.dev.list_sessions():
+            with self.dev.retrieve_session(e.name) as s:
+                s.finish()
+
+    @property
+    def fds(self) -> dict[str, int]:
+        return {
+            "dev": self.dev.fd,
+            "table": self.table.fd,
+            "binding": self.binding.fd,
+            "session": self.session.fd,
+        }
 
     def fd_for(self, cmd: Cmd) -> int:
-        return {"dev": self.dev.fd, "table": self.table.fd, "binding": self.binding.fd}[cmd.on]
+        return self.fds[cmd.on]
 
     def arg(self, cmd: Cmd, **over: int) -> bytearray:
         fields = {**cmd.fields, **over}
-        if fields.get("eventfd") == SRC:
-            fields["eventfd"] = self.src
+        for key in ("eventfd", "fd"):
+            if fields.get(key) == SRC:
+                fields[key] = self.src
         return raw_arg(cmd.struct, **fields)
 
     def state(self) -> tuple[Any, ...]:
@@ -126,6 +193,7 @@ class Env:
             self.dev.query(),
             self.table.info(),
             self.binding.info(),
+            self.dev.list_sessions(),
             fd_count(),
         )
 
@@ -187,17 +255,29 @@ def test_zero_tail_accepted(env: Env, cmd: Cmd) -> None:
     arg = env.arg(cmd) + b"\0" * 24
     arg[0:4] = len(arg).to_bytes(4, "little")
     ioctl(env.fd_for(cmd), cmd.request, arg)
-    fd_offset = {"CREATE_TABLE": 12, "BIND": 20}.get(cmd.name)
+    fd_offset = {
+        "CREATE_TABLE": 12,
+        "BIND": 20,
+        "CREATE_SESSION": 72,
+        "RETRIEVE_SESSION": 72,
+        "RETRIEVE": 16,
+    }.get(cmd.name)
     if fd_offset is not None:
         new_fd = int.from_bytes(arg[fd_offset : fd_offset + 4], "little", signed=True)
         assert new_fd >= 0
-        os.close(new_fd)
+        if cmd.name.endswith("_SESSION"):
+            with Session(new_fd, "") as s:
+                s.finish()
+        else:
+            os.close(new_fd)
 
 
 @pytest.mark.parametrize("cmd", CMDS, ids=repr)
-@pytest.mark.parametrize("flags", [1, 1 << 31])
-def test_unknown_flags(env: Env, cmd: Cmd, flags: int) -> None:
-    """Any flag is unknown in API version 1: EINVAL."""
+@pytest.mark.parametrize("which", ["lowest", "highest"])
+def test_unknown_flags(env: Env, cmd: Cmd, which: str) -> None:
+    """A flag the command does not define is EINVAL."""
+    unknown = ~cmd.known_flags & 0xFFFFFFFF
+    flags = unknown & -unknown if which == "lowest" else 1 << 31
     env.refused(env.fd_for(cmd), cmd.request, env.arg(cmd, flags=flags), errno.EINVAL)
 
 
@@ -214,8 +294,7 @@ def test_reserved_nonzero(env: Env, cmd: Cmd, name: str) -> None:
 @pytest.mark.parametrize("cmd", CMDS, ids=repr)
 def test_command_on_wrong_file(env: Env, cmd: Cmd) -> None:
     """A command on any other kind of kvmlu fd than its own is ENOTTY."""
-    fds = {"dev": env.dev.fd, "table": env.table.fd, "binding": env.binding.fd}
-    for on, fd in fds.items():
+    for on, fd in env.fds.items():
         if on != cmd.on:
             env.refused(fd, cmd.request, env.arg(cmd), errno.ENOTTY)
 
@@ -226,11 +305,11 @@ def test_bad_pointer(env: Env, cmd: Cmd) -> None:
     env.refused(env.fd_for(cmd), cmd.request, ffi.cast("void *", 8), errno.EFAULT)
 
 
-@pytest.mark.parametrize("on", ["dev", "table", "binding"])
-@pytest.mark.parametrize("nr", [0x02, 0x1F, 0x27, 0x3F, 0x41, 0xFF])
+@pytest.mark.parametrize("on", ["dev", "table", "binding", "session"])
+@pytest.mark.parametrize("nr", [0x05, 0x1F, 0x27, 0x3F, 0x41, 0x64, 0xFF])
 def test_unknown_command(env: Env, on: str, nr: int) -> None:
     """An unknown command number is ENOTTY."""
-    fd = {"dev": env.dev.fd, "table": env.table.fd, "binding": env.binding.fd}[on]
+    fd = env.fds[on]
     request = (lib.KVMLU_IOCTL_TYPE << 8) | nr
     env.refused(fd, request, raw_arg("kvmlu_table_peek", vcpu=1), errno.ENOTTY)
 
@@ -307,7 +386,65 @@ def _closed_fd() -> int:
     return high
 
 
-FD_CMDS = ["SET_NOTIFY", "BIND"]
+FD_CMDS = ["SET_NOTIFY", "BIND"]  # their fd must be an eventfd
+
+
+@pytest.mark.parametrize("fd", [-1, -2, 0x7FFFFFFF], ids=["-1", "-2", "huge"])
+def test_preserve_fd_not_open(env: Env, fd: int) -> None:
+    """PRESERVE of an fd that names no open file is EBADF."""
+    cmd = BY_NAME["PRESERVE"]
+    env.refused(env.session.fd, cmd.request, env.arg(cmd, fd=fd), errno.EBADF)
+
+
+@pytest.mark.parametrize("kind", ["session", "socket", "epoll"])
+def test_preserve_type_refused(env: Env, kind: str) -> None:
+    """PRESERVE of a file that can hold other files is EOPNOTSUPP."""
+    import select
+
+    cmd = BY_NAME["PRESERVE"]
+    if kind == "session":
+        env.refused(env.session.fd, cmd.request, env.arg(cmd, fd=env.session.fd), errno.EOPNOTSUPP)
+        return
+    obj = socket.socket(socket.AF_UNIX) if kind == "socket" else select.epoll()
+    with obj:
+        arg = env.arg(cmd, fd=obj.fileno())
+        env.refused(env.session.fd, cmd.request, arg, errno.EOPNOTSUPP)
+
+
+def test_preserve_token_taken(env: Env) -> None:
+    cmd = BY_NAME["PRESERVE"]
+    env.refused(env.session.fd, cmd.request, env.arg(cmd, token=1), errno.EEXIST)
+
+
+@pytest.mark.parametrize("name", ["RETRIEVE", "UNPRESERVE"])
+def test_token_unknown(env: Env, name: str) -> None:
+    cmd = BY_NAME[name]
+    env.refused(env.session.fd, cmd.request, env.arg(cmd, token=2), errno.ENOENT)
+
+
+def test_create_session_name_taken(env: Env) -> None:
+    cmd = BY_NAME["CREATE_SESSION"]
+    env.refused(env.dev.fd, cmd.request, env.arg(cmd, name=b"badinput"), errno.EEXIST)
+
+
+def test_retrieve_session_missing_or_held(env: Env) -> None:
+    cmd = BY_NAME["RETRIEVE_SESSION"]
+    env.refused(env.dev.fd, cmd.request, env.arg(cmd, name=b"nope"), errno.ENOENT)
+    env.refused(env.dev.fd, cmd.request, env.arg(cmd, name=b"badinput"), errno.EBUSY)
+
+
+@pytest.mark.parametrize("name", ["CREATE_SESSION", "RETRIEVE_SESSION"])
+@pytest.mark.parametrize("raw", [b"\0", b"y" * 64, b"ab\0c"], ids=["empty", "no-nul", "junk"])
+def test_session_name_malformed(env: Env, name: str, raw: bytes) -> None:
+    cmd = BY_NAME[name]
+    arg = raw_arg(cmd.struct, name=raw)
+    env.refused(env.dev.fd, cmd.request, arg, errno.EINVAL)
+
+
+def test_list_sessions_bad_buffer(env: Env) -> None:
+    """LIST_SESSIONS with room for entries at an unwritable address is EFAULT."""
+    cmd = BY_NAME["LIST_SESSIONS"]
+    env.refused(env.dev.fd, cmd.request, env.arg(cmd, count=4, entries=8), errno.EFAULT)
 
 
 @pytest.mark.parametrize("name", FD_CMDS)

@@ -262,3 +262,43 @@ def test_detach_under_load(dev: Device, edus: list[Edu]) -> None:
         for th in threads:
             th.join()
     assert not errors, errors
+
+
+def test_discovery_finds_the_runners_devices() -> None:
+    """pyudev finds the same edu functions the VM runner bound to vfio-pci."""
+    expected = sorted(filter(None, os.environ.get("KVMLU_EDU", "").split(",")))
+    assert expected, "the VM runner exports KVMLU_EDU"
+    assert find_vfio_edu() == expected
+
+
+def test_table_closed_under_interrupts(dev: Device, edus: list[Edu]) -> None:
+    """The table fd closed while MSIs keep posting: the binding keeps it alive, then frees it."""
+    e = edus[0]
+    assert e.msi_eventfd is not None
+    base = dev.query().nr_tables
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def raiser() -> None:
+        try:
+            while not stop.is_set():
+                e.raise_irq()
+        except BaseException as exc:
+            errors.append(exc)
+
+    th = threading.Thread(target=raiser)
+    th.start()
+    try:
+        t = dev.create_table(2)
+        b = t.bind(e.msi_eventfd, 1, 0x5A)
+        wait_until(lambda: signals(b) > 0, TIMEOUT, "MSIs into the binding")
+        t.close()
+        n = signals(b)
+        wait_until(lambda: signals(b) > n + 20, TIMEOUT, "posting after the table fd closed")
+        assert dev.query().nr_tables == base + 1
+        b.close()
+        assert dev.query().nr_tables == base, "the last binding freed the table"
+    finally:
+        stop.set()
+        th.join()
+    assert not errors, errors

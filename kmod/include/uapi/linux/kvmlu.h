@@ -50,7 +50,12 @@
  *    notification vector outside 32..255, or a vCPU count outside
  *    1..KVMLU_MAX_VCPUS.
  *  - EBADF: a file descriptor field that names no open file.
- *  - EBUSY: the eventfd is bound to this table already.
+ *  - EBUSY: the eventfd is bound to this table already; the session is
+ *    held by an open session file descriptor.
+ *  - EEXIST: a session of that name, or an object under that token, exists.
+ *  - ENOENT: no session of that name, or no object under that token.
+ *  - EOPNOTSUPP: a file of a type a session cannot preserve.
+ *  - ESTALE: the session was finished.
  *  - ENOMEM, EMFILE, ENFILE: the kernel could not allocate the object or a
  *    file descriptor for it.
  *
@@ -66,6 +71,9 @@ enum {
 	KVMLU_CMD_BASE = 0x00,
 	KVMLU_CMD_QUERY = KVMLU_CMD_BASE,
 	KVMLU_CMD_CREATE_TABLE = 0x01,
+	KVMLU_CMD_CREATE_SESSION = 0x02,
+	KVMLU_CMD_RETRIEVE_SESSION = 0x03,
+	KVMLU_CMD_LIST_SESSIONS = 0x04,
 };
 
 /* Commands on a table file descriptor. */
@@ -84,6 +92,15 @@ enum {
 enum {
 	KVMLU_BINDING_CMD_BASE = 0x40,
 	KVMLU_CMD_BINDING_INFO = KVMLU_BINDING_CMD_BASE,
+};
+
+/* Commands on a session file descriptor. */
+enum {
+	KVMLU_SESSION_CMD_BASE = 0x60,
+	KVMLU_CMD_SESSION_PRESERVE = KVMLU_SESSION_CMD_BASE,
+	KVMLU_CMD_SESSION_RETRIEVE = 0x61,
+	KVMLU_CMD_SESSION_UNPRESERVE = 0x62,
+	KVMLU_CMD_SESSION_FINISH = 0x63,
 };
 
 /* The version of this interface; QUERY reports it. */
@@ -163,6 +180,8 @@ struct kvmlu_stats {
  * @capabilities: Output. KVMLU_CAP_* bits.
  * @nr_tables: Output. Tables that currently exist, in any process.
  * @nr_bindings: Output. IRQ bindings that currently exist.
+ * @nr_sessions: Output. Sessions that currently exist (not finished).
+ * @reserved: Output. Zero.
  * @stats: Output. The posting counters of every table since the module was
  *	loaded, those closed included.
  *
@@ -176,6 +195,8 @@ struct kvmlu_query {
 	__aligned_u64 capabilities;
 	__aligned_u64 nr_tables;
 	__aligned_u64 nr_bindings;
+	__u32 nr_sessions;
+	__u32 reserved;
 	struct kvmlu_stats stats;
 };
 
@@ -183,6 +204,8 @@ struct kvmlu_query {
 #define KVMLU_CAP_TABLES	(1ULL << 0)
 /* IRQ bindings of eventfds to descriptors, and posting counters. */
 #define KVMLU_CAP_BINDINGS	(1ULL << 1)
+/* Sessions that preserve objects for a successor process. */
+#define KVMLU_CAP_SESSIONS	(1ULL << 2)
 
 #define KVMLU_QUERY _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_QUERY)
 
@@ -208,14 +231,19 @@ struct kvmlu_create_table {
 /**
  * struct kvmlu_table_set_notify - KVMLU_TABLE_SET_NOTIFY: a vCPU's target
  * @size: Input. sizeof(struct kvmlu_table_set_notify).
- * @flags: Input. Must be zero.
+ * @flags: Input. KVMLU_SET_NOTIFY_* bits.
  * @vcpu: Input. The descriptor's index in the table.
  * @eventfd: Input. The eventfd to signal when ON goes from 0 to 1, or -1 to
  *	signal nothing. The table holds its own reference to the eventfd.
  * @nv: Input. Notification Vector written to the descriptor, 32..255.
  * @ndst: Input. Notification Destination written to the descriptor.
  *
- * Replaces the previous target. ON, SN and PIR are left as they are.
+ * Replaces the previous target. ON, SN and PIR are left as they are, unless
+ * @flags has KVMLU_SET_NOTIFY_ATTACH: the caller is a new owner taking over
+ * the descriptor (after a handoff). Then, if SN is clear and PIR holds a
+ * vector, ON is set; and if ON is set, the new target is signalled once, so
+ * the new owner fetches whatever arrived while nobody was listening. PIR is
+ * never written.
  */
 struct kvmlu_table_set_notify {
 	__u32 size;
@@ -225,6 +253,10 @@ struct kvmlu_table_set_notify {
 	__u32 nv;
 	__u32 ndst;
 };
+
+/* Take over the descriptor: recompute ON and signal the new target. */
+#define KVMLU_SET_NOTIFY_ATTACH		(1U << 0)
+#define KVMLU_SET_NOTIFY_FLAGS		KVMLU_SET_NOTIFY_ATTACH
 
 #define KVMLU_TABLE_SET_NOTIFY _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_TABLE_SET_NOTIFY)
 
@@ -401,5 +433,148 @@ struct kvmlu_binding_info {
 #define KVMLU_BINDING_HUP	(1U << 1)
 
 #define KVMLU_BINDING_INFO _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_BINDING_INFO)
+
+/* The length of a session name, its terminating NUL included. */
+#define KVMLU_SESSION_NAME_LEN	64
+
+/**
+ * DOC: Sessions
+ *
+ * A session hands objects from a process to its successor, as Linux's Live
+ * Update Orchestrator does across a kexec. The old process creates a named
+ * session and preserves file descriptors in it, each under a u64 token of
+ * its choosing; the session holds a reference to each file. When the last
+ * session fd is closed, the session stays, with its objects: a preserved
+ * binding keeps posting, a preserved VFIO device stays open and keeps
+ * raising its MSIs, even while no process holds any of them. A new process
+ * retrieves the session by name and each object by token, then finishes the
+ * session, which drops what the session still holds. Each session holds a
+ * reference on kvmlu.ko until it is finished: the module cannot be unloaded
+ * under a preserved session.
+ *
+ * A session can preserve kvmlu tables and bindings, eventfds, VFIO device
+ * fds, regular files (a memfd of guest RAM or of saved state), pipes and
+ * character devices (VFIO group and container fds). It refuses with
+ * EOPNOTSUPP every file that can itself hold references to other files --
+ * sessions, sockets (fds in flight), epoll and io_uring instances -- because
+ * such a file could keep its own session alive forever, and every other
+ * anonymous-inode file, whose state is not known to survive its owner.
+ *
+ * Names are NUL-terminated strings of 1..63 bytes, the rest of the field
+ * zero; anything else is EINVAL.
+ */
+
+/**
+ * struct kvmlu_session_create - KVMLU_CREATE_SESSION or KVMLU_RETRIEVE_SESSION
+ * @size: Input. sizeof(struct kvmlu_session_create).
+ * @flags: Input. Must be zero.
+ * @name: Input. The session's name.
+ * @fd: Output. The session's file descriptor (O_CLOEXEC).
+ * @reserved: Must be zero.
+ *
+ * CREATE makes a new session (EEXIST if the name is taken). RETRIEVE opens
+ * an existing one (ENOENT if there is none, EBUSY while any file descriptor
+ * of that session is open).
+ */
+struct kvmlu_session_create {
+	__u32 size;
+	__u32 flags;
+	__u8 name[KVMLU_SESSION_NAME_LEN];
+	__s32 fd;
+	__u32 reserved;
+};
+
+#define KVMLU_CREATE_SESSION _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_CREATE_SESSION)
+#define KVMLU_RETRIEVE_SESSION _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_RETRIEVE_SESSION)
+
+/**
+ * struct kvmlu_session_entry - one session, as KVMLU_LIST_SESSIONS reports it
+ * @name: The session's name.
+ * @nr_objects: Objects it preserves.
+ * @state: KVMLU_SESSION_HELD if a file descriptor of it is open.
+ */
+struct kvmlu_session_entry {
+	__u8 name[KVMLU_SESSION_NAME_LEN];
+	__u32 nr_objects;
+	__u32 state;
+};
+
+#define KVMLU_SESSION_HELD	(1U << 0)
+
+/**
+ * struct kvmlu_list_sessions - KVMLU_LIST_SESSIONS: the sessions that exist
+ * @size: Input. sizeof(struct kvmlu_list_sessions).
+ * @flags: Input. Must be zero.
+ * @count: Input. Room in @entries, in entries.
+ * @nr_sessions: Output. Sessions that exist; entries beyond @count were not
+ *	written.
+ * @entries: Input. User address of an array of &struct kvmlu_session_entry.
+ */
+struct kvmlu_list_sessions {
+	__u32 size;
+	__u32 flags;
+	__u32 count;
+	__u32 nr_sessions;
+	__aligned_u64 entries;
+};
+
+#define KVMLU_LIST_SESSIONS _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_LIST_SESSIONS)
+
+/**
+ * struct kvmlu_session_preserve - KVMLU_SESSION_PRESERVE: keep a file
+ * @size: Input. sizeof(struct kvmlu_session_preserve).
+ * @flags: Input. Must be zero.
+ * @fd: Input. The file descriptor to preserve.
+ * @reserved: Must be zero.
+ * @token: Input. The token to retrieve it by; unique in the session.
+ */
+struct kvmlu_session_preserve {
+	__u32 size;
+	__u32 flags;
+	__s32 fd;
+	__u32 reserved;
+	__aligned_u64 token;
+};
+
+#define KVMLU_SESSION_PRESERVE _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_SESSION_PRESERVE)
+
+/**
+ * struct kvmlu_session_token - RETRIEVE or UNPRESERVE an object by token
+ * @size: Input. sizeof(struct kvmlu_session_token).
+ * @flags: Input. Must be zero.
+ * @token: Input. The object's token.
+ * @fd: Output (RETRIEVE). A new file descriptor (O_CLOEXEC) for the object.
+ * @reserved: Must be zero.
+ *
+ * RETRIEVE gives the caller its own file descriptor and leaves the object in
+ * the session, so a successor that dies can start over. UNPRESERVE drops the
+ * session's reference.
+ */
+struct kvmlu_session_token {
+	__u32 size;
+	__u32 flags;
+	__aligned_u64 token;
+	__s32 fd;
+	__u32 reserved;
+};
+
+#define KVMLU_SESSION_RETRIEVE _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_SESSION_RETRIEVE)
+#define KVMLU_SESSION_UNPRESERVE _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_SESSION_UNPRESERVE)
+
+/**
+ * struct kvmlu_session_finish - KVMLU_SESSION_FINISH: end the session
+ * @size: Input. sizeof(struct kvmlu_session_finish).
+ * @flags: Input. Must be zero.
+ *
+ * Drops every object the session still holds and removes the session, so
+ * its name can be used again. The fd stays open; every command on it but
+ * FINISH fails with ESTALE from then on, and FINISH does nothing.
+ */
+struct kvmlu_session_finish {
+	__u32 size;
+	__u32 flags;
+};
+
+#define KVMLU_SESSION_FINISH _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_SESSION_FINISH)
 
 #endif /* _UAPI_LINUX_KVMLU_H */

@@ -1,0 +1,500 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * kvmlu: sessions, which keep files for a successor process.
+ *
+ * A session is on the module's list from CREATE until FINISH, whether or not a
+ * file descriptor of it is open; each session file holds a reference on the
+ * session, and the list holds one more. While on the list a session also
+ * holds a reference on this module. Preserved files are kept with a file
+ * reference each, so what they stand for -- a binding, a table, a VFIO device
+ * with its MSI triggers -- lives on with no process holding it.
+ */
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
+#include <linux/anon_inodes.h>
+#include <linux/eventfd.h>
+#include <linux/file.h>
+#include <linux/fs.h>
+#include <linux/module.h>
+#include <linux/slab.h>
+#include <linux/string.h>
+#include <linux/uaccess.h>
+
+#include "kvmlu_internal.h"
+
+/**
+ * struct kvmlu_object - one preserved file
+ * @token: The token it is retrieved by.
+ * @file: The file; the session holds a reference.
+ * @link: Entry in &kvmlu_session.objects.
+ */
+struct kvmlu_object {
+	u64 token;
+	struct file *file;
+	struct list_head link;
+};
+
+/**
+ * struct kvmlu_session - a named set of preserved files
+ * @ref: References: the module's list and each session file.
+ * @name: The name, NUL-terminated. Fixed.
+ * @node: Entry in kvmlu_sessions, under kvmlu_sessions_lock, until finish.
+ * @held: Session files open. Under kvmlu_sessions_lock.
+ * @lock: Protects @objects, @nr_objects and @finished.
+ * @objects: The preserved files, &struct kvmlu_object.
+ * @nr_objects: Entries in @objects.
+ * @finished: FINISH ran: @objects is empty for good.
+ */
+struct kvmlu_session {
+	struct kref ref;
+	char name[KVMLU_SESSION_NAME_LEN];
+	struct list_head node;
+	unsigned int held;
+	struct mutex lock; /* see above */
+	struct list_head objects;
+	u32 nr_objects;
+	bool finished;
+};
+
+/* Protects kvmlu_sessions and each &kvmlu_session.held. */
+static DEFINE_MUTEX(kvmlu_sessions_lock);
+static LIST_HEAD(kvmlu_sessions);
+
+static const struct file_operations kvmlu_session_fops;
+
+static void kvmlu_session_free(struct kref *ref)
+{
+	struct kvmlu_session *s = container_of(ref, struct kvmlu_session, ref);
+
+	WARN_ON(!list_empty(&s->objects));
+	mutex_destroy(&s->lock);
+	kfree(s);
+}
+
+static void kvmlu_session_put(struct kvmlu_session *s)
+{
+	kref_put(&s->ref, kvmlu_session_free);
+}
+
+/* Copy and check a name: 1..63 bytes, NUL, zeros. */
+static int kvmlu_session_name(char *dst, const __u8 *src)
+{
+	size_t len = strnlen((const char *)src, KVMLU_SESSION_NAME_LEN);
+	size_t i;
+
+	if (len == 0 || len == KVMLU_SESSION_NAME_LEN)
+		return -EINVAL;
+	for (i = len; i < KVMLU_SESSION_NAME_LEN; i++)
+		if (src[i])
+			return -EINVAL;
+	memcpy(dst, src, KVMLU_SESSION_NAME_LEN);
+	return 0;
+}
+
+static struct kvmlu_session *kvmlu_session_find(const char *name)
+{
+	struct kvmlu_session *s;
+
+	lockdep_assert_held(&kvmlu_sessions_lock);
+	list_for_each_entry(s, &kvmlu_sessions, node)
+		if (!strcmp(s->name, name))
+			return s;
+	return NULL;
+}
+
+/* Drop every object; the session is finished. Caller holds @s->lock. */
+static void kvmlu_session_drop_objects(struct kvmlu_session *s)
+{
+	struct kvmlu_object *obj, *tmp;
+
+	lockdep_assert_held(&s->lock);
+	list_for_each_entry_safe(obj, tmp, &s->objects, link) {
+		list_del(&obj->link);
+		fput(obj->file);
+		kfree(obj);
+	}
+	s->nr_objects = 0;
+}
+
+/*
+ * A new file for @s, with its own session reference. Counts as held;
+ * the caller holds kvmlu_sessions_lock.
+ */
+static struct file *kvmlu_session_file(struct kvmlu_session *s)
+{
+	struct file *file;
+
+	lockdep_assert_held(&kvmlu_sessions_lock);
+	file = anon_inode_getfile("[kvmlu-session]", &kvmlu_session_fops, s,
+				  O_RDWR);
+	if (IS_ERR(file))
+		return file;
+	kref_get(&s->ref);
+	s->held++;
+	return file;
+}
+
+/* Install @file at @fd after telling the user; or undo both. */
+static int kvmlu_reply_fd(struct kvmlu_ucmd *ucmd, size_t size, int fd,
+			  struct file *file)
+{
+	int ret = kvmlu_ucmd_respond(ucmd, size);
+
+	if (ret) {
+		fput(file);
+		put_unused_fd(fd);
+		return ret;
+	}
+	fd_install(fd, file);
+	return 0;
+}
+
+int kvmlu_create_session(struct kvmlu_ucmd *ucmd)
+{
+	struct kvmlu_session_create *sc = ucmd->cmd;
+	struct kvmlu_session *s;
+	struct file *file;
+	int fd, ret;
+
+	if (sc->flags || sc->reserved)
+		return -EINVAL;
+	s = kzalloc(sizeof(*s), GFP_KERNEL_ACCOUNT);
+	if (!s)
+		return -ENOMEM;
+	ret = kvmlu_session_name(s->name, sc->name);
+	if (ret)
+		goto err_free;
+	kref_init(&s->ref);
+	mutex_init(&s->lock);
+	INIT_LIST_HEAD(&s->objects);
+
+	fd = get_unused_fd_flags(O_CLOEXEC);
+	if (fd < 0) {
+		ret = fd;
+		goto err_free;
+	}
+	mutex_lock(&kvmlu_sessions_lock);
+	if (kvmlu_session_find(s->name)) {
+		ret = -EEXIST;
+		goto err_unlock;
+	}
+	file = kvmlu_session_file(s);
+	if (IS_ERR(file)) {
+		ret = PTR_ERR(file);
+		goto err_unlock;
+	}
+	list_add_tail(&s->node, &kvmlu_sessions);
+	__module_get(THIS_MODULE);
+	sc->fd = fd;
+	ret = kvmlu_reply_fd(ucmd, sizeof(*sc), fd, file);
+	mutex_unlock(&kvmlu_sessions_lock);
+	/* On failure the session stays, unheld, as if its fd had been closed. */
+	return ret;
+
+err_unlock:
+	mutex_unlock(&kvmlu_sessions_lock);
+	put_unused_fd(fd);
+err_free:
+	mutex_destroy(&s->lock);
+	kfree(s);
+	return ret;
+}
+
+int kvmlu_retrieve_session(struct kvmlu_ucmd *ucmd)
+{
+	struct kvmlu_session_create *sc = ucmd->cmd;
+	char name[KVMLU_SESSION_NAME_LEN];
+	struct kvmlu_session *s;
+	struct file *file;
+	int fd, ret;
+
+	if (sc->flags || sc->reserved)
+		return -EINVAL;
+	ret = kvmlu_session_name(name, sc->name);
+	if (ret)
+		return ret;
+
+	fd = get_unused_fd_flags(O_CLOEXEC);
+	if (fd < 0)
+		return fd;
+	mutex_lock(&kvmlu_sessions_lock);
+	s = kvmlu_session_find(name);
+	if (!s) {
+		ret = -ENOENT;
+		goto err_unlock;
+	}
+	if (s->held) {
+		ret = -EBUSY;
+		goto err_unlock;
+	}
+	file = kvmlu_session_file(s);
+	if (IS_ERR(file)) {
+		ret = PTR_ERR(file);
+		goto err_unlock;
+	}
+	sc->fd = fd;
+	ret = kvmlu_reply_fd(ucmd, sizeof(*sc), fd, file);
+	mutex_unlock(&kvmlu_sessions_lock);
+	return ret;
+
+err_unlock:
+	mutex_unlock(&kvmlu_sessions_lock);
+	put_unused_fd(fd);
+	return ret;
+}
+
+int kvmlu_list_sessions(struct kvmlu_ucmd *ucmd)
+{
+	struct kvmlu_list_sessions *ls = ucmd->cmd;
+	struct kvmlu_session_entry __user *uentries;
+	struct kvmlu_session_entry entry;
+	struct kvmlu_session *s;
+	u32 n = 0;
+	int ret = 0;
+
+	if (ls->flags)
+		return -EINVAL;
+	uentries = u64_to_user_ptr(ls->entries);
+
+	mutex_lock(&kvmlu_sessions_lock);
+	list_for_each_entry(s, &kvmlu_sessions, node) {
+		if (n < ls->count) {
+			memset(&entry, 0, sizeof(entry));
+			memcpy(entry.name, s->name, sizeof(entry.name));
+			mutex_lock(&s->lock);
+			entry.nr_objects = s->nr_objects;
+			mutex_unlock(&s->lock);
+			entry.state = s->held ? KVMLU_SESSION_HELD : 0;
+			if (copy_to_user(&uentries[n], &entry, sizeof(entry))) {
+				ret = -EFAULT;
+				break;
+			}
+		}
+		n++;
+	}
+	mutex_unlock(&kvmlu_sessions_lock);
+	if (ret)
+		return ret;
+	ls->nr_sessions = n;
+	return kvmlu_ucmd_respond(ucmd, sizeof(*ls));
+}
+
+u32 kvmlu_session_count(void)
+{
+	struct kvmlu_session *s;
+	u32 n = 0;
+
+	mutex_lock(&kvmlu_sessions_lock);
+	list_for_each_entry(s, &kvmlu_sessions, node)
+		n++;
+	mutex_unlock(&kvmlu_sessions_lock);
+	return n;
+}
+
+/*
+ * Can @file be preserved? Files that may hold references to other files
+ * (sessions, sockets, epoll, io_uring...) could keep their own session alive;
+ * anonymous-inode files other than those listed have unknown state.
+ */
+static bool kvmlu_preservable(struct file *file)
+{
+	umode_t mode = file_inode(file)->i_mode;
+	struct eventfd_ctx *ctx;
+
+	if (file->f_op == &kvmlu_session_fops)
+		return false;
+	if (S_ISREG(mode) || S_ISCHR(mode) || S_ISFIFO(mode))
+		return true;
+	if (kvmlu_is_table_file(file) || kvmlu_is_binding_file(file))
+		return true;
+	ctx = eventfd_ctx_fileget(file);
+	if (!IS_ERR(ctx)) {
+		eventfd_ctx_put(ctx);
+		return true;
+	}
+	/* vfio-pci's device fd, an anonymous inode named by VFIO. */
+	return !strcmp(file_dentry(file)->d_name.name, "[vfio-device]");
+}
+
+static struct kvmlu_object *kvmlu_session_lookup(struct kvmlu_session *s,
+						 u64 token)
+{
+	struct kvmlu_object *obj;
+
+	lockdep_assert_held(&s->lock);
+	list_for_each_entry(obj, &s->objects, link)
+		if (obj->token == token)
+			return obj;
+	return NULL;
+}
+
+static int kvmlu_session_preserve(struct kvmlu_ucmd *ucmd)
+{
+	struct kvmlu_session_preserve *sp = ucmd->cmd;
+	struct kvmlu_session *s = ucmd->obj;
+	struct kvmlu_object *obj;
+	struct file *file;
+	int ret;
+
+	if (sp->flags || sp->reserved)
+		return -EINVAL;
+	file = fget(sp->fd);
+	if (!file)
+		return -EBADF;
+	if (!kvmlu_preservable(file)) {
+		ret = -EOPNOTSUPP;
+		goto err_fput;
+	}
+	obj = kzalloc(sizeof(*obj), GFP_KERNEL_ACCOUNT);
+	if (!obj) {
+		ret = -ENOMEM;
+		goto err_fput;
+	}
+	obj->token = sp->token;
+	obj->file = file;
+
+	mutex_lock(&s->lock);
+	if (s->finished)
+		ret = -ESTALE;
+	else if (kvmlu_session_lookup(s, sp->token))
+		ret = -EEXIST;
+	else
+		ret = 0;
+	if (!ret) {
+		list_add_tail(&obj->link, &s->objects);
+		s->nr_objects++;
+	}
+	mutex_unlock(&s->lock);
+	if (!ret)
+		return 0;
+	kfree(obj);
+err_fput:
+	fput(file);
+	return ret;
+}
+
+static int kvmlu_session_retrieve(struct kvmlu_ucmd *ucmd)
+{
+	struct kvmlu_session_token *st = ucmd->cmd;
+	struct kvmlu_session *s = ucmd->obj;
+	struct kvmlu_object *obj;
+	struct file *file = NULL;
+	int fd, ret = 0;
+
+	if (st->flags || st->reserved)
+		return -EINVAL;
+	fd = get_unused_fd_flags(O_CLOEXEC);
+	if (fd < 0)
+		return fd;
+
+	mutex_lock(&s->lock);
+	obj = s->finished ? NULL : kvmlu_session_lookup(s, st->token);
+	if (obj)
+		file = get_file(obj->file);
+	else
+		ret = s->finished ? -ESTALE : -ENOENT;
+	mutex_unlock(&s->lock);
+	if (ret) {
+		put_unused_fd(fd);
+		return ret;
+	}
+	st->fd = fd;
+	return kvmlu_reply_fd(ucmd, sizeof(*st), fd, file);
+}
+
+static int kvmlu_session_unpreserve(struct kvmlu_ucmd *ucmd)
+{
+	struct kvmlu_session_token *st = ucmd->cmd;
+	struct kvmlu_session *s = ucmd->obj;
+	struct kvmlu_object *obj;
+	int ret = 0;
+
+	if (st->flags || st->reserved)
+		return -EINVAL;
+
+	mutex_lock(&s->lock);
+	obj = s->finished ? NULL : kvmlu_session_lookup(s, st->token);
+	if (obj) {
+		list_del(&obj->link);
+		s->nr_objects--;
+	} else {
+		ret = s->finished ? -ESTALE : -ENOENT;
+	}
+	mutex_unlock(&s->lock);
+	if (obj) {
+		fput(obj->file);
+		kfree(obj);
+	}
+	return ret;
+}
+
+static int kvmlu_session_finish(struct kvmlu_ucmd *ucmd)
+{
+	struct kvmlu_session_finish *sf = ucmd->cmd;
+	struct kvmlu_session *s = ucmd->obj;
+	bool was_finished;
+
+	if (sf->flags)
+		return -EINVAL;
+
+	mutex_lock(&kvmlu_sessions_lock);
+	mutex_lock(&s->lock);
+	was_finished = s->finished;
+	if (!was_finished) {
+		kvmlu_session_drop_objects(s);
+		s->finished = true;
+		list_del_init(&s->node);
+	}
+	mutex_unlock(&s->lock);
+	mutex_unlock(&kvmlu_sessions_lock);
+
+	if (!was_finished) {
+		/* The list's references: on the session and on the module. */
+		kvmlu_session_put(s);
+		module_put(THIS_MODULE);
+	}
+	return 0;
+}
+
+static int kvmlu_session_release(struct inode *inode, struct file *file)
+{
+	struct kvmlu_session *s = file->private_data;
+
+	mutex_lock(&kvmlu_sessions_lock);
+	s->held--;
+	mutex_unlock(&kvmlu_sessions_lock);
+	kvmlu_session_put(s);
+	return 0;
+}
+
+static const struct kvmlu_ioctl_op kvmlu_session_ops[] = {
+	KVMLU_IOCTL_OP(KVMLU_SESSION_CMD_BASE, KVMLU_SESSION_PRESERVE,
+		       kvmlu_session_preserve, struct kvmlu_session_preserve,
+		       token),
+	KVMLU_IOCTL_OP(KVMLU_SESSION_CMD_BASE, KVMLU_SESSION_RETRIEVE,
+		       kvmlu_session_retrieve, struct kvmlu_session_token,
+		       reserved),
+	KVMLU_IOCTL_OP(KVMLU_SESSION_CMD_BASE, KVMLU_SESSION_UNPRESERVE,
+		       kvmlu_session_unpreserve, struct kvmlu_session_token,
+		       reserved),
+	KVMLU_IOCTL_OP(KVMLU_SESSION_CMD_BASE, KVMLU_SESSION_FINISH,
+		       kvmlu_session_finish, struct kvmlu_session_finish,
+		       flags),
+};
+
+static long kvmlu_session_ioctl(struct file *file, unsigned int cmd,
+				unsigned long arg)
+{
+	return kvmlu_ioctl_dispatch(kvmlu_session_ops,
+				    ARRAY_SIZE(kvmlu_session_ops),
+				    KVMLU_SESSION_CMD_BASE, cmd, arg,
+				    file->private_data);
+}
+
+static const struct file_operations kvmlu_session_fops = {
+	.owner = THIS_MODULE,
+	.release = kvmlu_session_release,
+	.unlocked_ioctl = kvmlu_session_ioctl,
+	.compat_ioctl = compat_ptr_ioctl,
+	.llseek = noop_llseek,
+};
