@@ -85,7 +85,7 @@ test-host: venv
 # The whole kernel suite in one boot of the test VM.
 test-kernel: venv
 	@$(MAKE) --no-print-directory _modules
-	$(KVMLU) vm --kernel $(KVER) $(VM_ARGS) -- \
+	$(KVMLU) vm --kernel $(KVER) --edu 3 $(VM_ARGS) -- \
 		$(CURDIR)/$(PY) -m pytest -p no:cacheprovider tests/kernel $(PYTEST_ARGS)
 
 demo: deps venv

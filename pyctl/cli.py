@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 from collections.abc import Sequence
 
-from pyctl import bench_irq, demo, vm
+from pyctl import bench_irq, check, demo, vm
 from pyctl.edu import Edu, find_vfio_edu
 from pyctl.errors import KvmluError
 from pyctl.kvmlu import DEVICE_PATH, Device
@@ -33,6 +34,27 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     with Device() as dev:
         return demo.run(dev)
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    with Device() as dev:
+        entries = dev.list_sessions()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(e) for e in entries], indent=2))
+        return 0
+    if not entries:
+        print("no sessions")
+    for e in entries:
+        state = "held" if e.held else "preserved"
+        print(f"{e.name}: {e.nr_objects} objects, {state}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    raises, fetches, switch = check.load_log(args.log)
+    report = check.check(raises, fetches, switch)
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.text())
+    return 0 if report.ok else 1
 
 
 def _edu_bdf(requested: str | None) -> str:
@@ -94,6 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="what kvmlu.ko reports")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("sessions", help="the sessions that exist")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_sessions)
+
+    p = sub.add_parser(
+        "check",
+        help="the PIR preservation checker: lost, spurious, duplicated",
+        description="Read a handoff log (raises and fetches with times, and the switch "
+        "window) and report per vCPU and vector what was lost, spurious or duplicated. "
+        "Exits 1 if anything was.",
+    )
+    p.add_argument("log", help="a JSON log, as the handoff tests write")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("demo", help="post vectors into an 8-vCPU table and show it")
     p.set_defaults(func=cmd_demo)

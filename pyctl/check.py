@@ -1,0 +1,196 @@
+"""The PIR preservation checker: lost, spurious and duplicated interrupts.
+
+Input is a timeline per (vCPU, vector):
+
+- a :class:`Raise` for each interrupt the device raised, stamped when the MSI
+  had *landed* (the host's handler ran), so any fetch that starts later must
+  see it;
+- a :class:`Fetch` for each time an owner (old or new VMM) took what was
+  pending on a vCPU, stamped when the fetch *started*, with the vectors it
+  returned (possibly none).
+
+Equal vectors coalesce, as in hardware: one delivery covers every raise since
+the previous delivery of that vector. A fetch that returns a vector no raise
+stands behind is *spurious*, or *duplicated* if that vector was delivered
+before (the same interrupt delivered twice, as when a new VMM re-injects what
+the old one had already taken). A fetch that does not return a vector whose
+raises had landed before it started means those raises are *lost*: once an
+MSI has landed, its vector must be pending. Raises still uncovered at the end
+are lost too; the caller's last fetch takes what is pending then.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+Key = tuple[int, int]  # (vCPU, vector)
+
+
+@dataclass(frozen=True, order=True)
+class Raise:
+    """An interrupt the device raised, landed at ``t`` (CLOCK_MONOTONIC seconds)."""
+
+    t: float
+    vcpu: int
+    vector: int
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """A fetch of ``vcpu`` by ``side`` that started at ``t`` and took ``vectors``."""
+
+    t: float
+    vcpu: int
+    vectors: frozenset[int]
+    side: str = "new"
+
+
+@dataclass
+class KeyReport:
+    """What happened to one (vCPU, vector)."""
+
+    raised: int = 0
+    delivered: int = 0
+    lost: int = 0
+    spurious: int = 0
+    duplicated: int = 0
+    raised_in_switch: int = 0
+
+
+@dataclass
+class Report:
+    """The checker's verdict; :attr:`ok` means nothing lost, spurious or duplicated."""
+
+    keys: dict[Key, KeyReport] = field(default_factory=dict)
+    switch: tuple[float, float] | None = None
+
+    def total(self, what: str) -> int:
+        return sum(getattr(k, what) for k in self.keys.values())
+
+    @property
+    def lost(self) -> int:
+        return self.total("lost")
+
+    @property
+    def spurious(self) -> int:
+        return self.total("spurious")
+
+    @property
+    def duplicated(self) -> int:
+        return self.total("duplicated")
+
+    @property
+    def ok(self) -> bool:
+        return self.lost == 0 and self.spurious == 0 and self.duplicated == 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "lost": self.lost,
+            "spurious": self.spurious,
+            "duplicated": self.duplicated,
+            "switch": list(self.switch) if self.switch else None,
+            "keys": [
+                {"vcpu": v, "vector": x, **asdict(r)} for (v, x), r in sorted(self.keys.items())
+            ],
+        }
+
+    def text(self) -> str:
+        lines = [
+            f"{'vCPU':>4} {'vector':>6} {'raised':>6} {'in-switch':>9} {'delivered':>9} "
+            f"{'lost':>4} {'spurious':>8} {'dup':>3}"
+        ]
+        for (v, x), r in sorted(self.keys.items()):
+            lines.append(
+                f"{v:>4} {f'0x{x:02x}':>6} {r.raised:>6} {r.raised_in_switch:>9} "
+                f"{r.delivered:>9} {r.lost:>4} {r.spurious:>8} {r.duplicated:>3}"
+            )
+        verdict = "OK" if self.ok else "FAIL"
+        lines.append(
+            f"{verdict}: {self.lost} lost, {self.spurious} spurious, {self.duplicated} duplicated"
+        )
+        return "\n".join(lines)
+
+
+def check(
+    raises: Iterable[Raise],
+    fetches: Iterable[Fetch],
+    switch: tuple[float, float] | None = None,
+) -> Report:
+    """Compare what was raised with what was fetched; see the module docstring."""
+    fetches = list(fetches)
+    keys: set[Key] = set()
+    events: dict[Key, list[tuple[float, int, bool]]] = defaultdict(list)
+    for r in raises:
+        keys.add((r.vcpu, r.vector))
+        events[(r.vcpu, r.vector)].append((r.t, 0, False))  # sorts before a fetch at t
+    for f in fetches:
+        keys.update((f.vcpu, x) for x in f.vectors)
+    for f in fetches:
+        for key in keys:
+            if key[0] == f.vcpu:
+                events[key].append((f.t, 1, key[1] in f.vectors))
+    report = Report(switch=switch)
+    for key in sorted(keys):
+        report.keys[key] = _walk(sorted(events[key]), switch)
+    return report
+
+
+def _walk(events: list[tuple[float, int, bool]], switch: tuple[float, float] | None) -> KeyReport:
+    """One key's raises (kind 0) and fetches (kind 1, got or not), in time order."""
+    kr = KeyReport()
+    pending = 0
+    delivered_before = False
+    for t, kind, got in events:
+        if kind == 0:
+            kr.raised += 1
+            pending += 1
+            kr.raised_in_switch += bool(switch and switch[0] <= t <= switch[1])
+        elif got:
+            kr.delivered += 1
+            if not pending:
+                if delivered_before:
+                    kr.duplicated += 1
+                else:
+                    kr.spurious += 1
+            pending = 0
+            delivered_before = True
+        else:
+            kr.lost += pending
+            pending = 0
+    kr.lost += pending
+    return kr
+
+
+def load_log(path: str) -> tuple[list[Raise], list[Fetch], tuple[float, float] | None]:
+    """Read a JSON log: ``{"raises": [[t, vcpu, vector]...], "fetches": [[t, vcpu,
+    [vectors], side]...], "switch": [t0, t1] or null}``."""
+    with open(path) as f:
+        doc = json.load(f)
+    raises = [Raise(float(t), int(v), int(x)) for t, v, x in doc["raises"]]
+    fetches = [
+        Fetch(float(t), int(v), frozenset(int(x) for x in xs), str(s))
+        for t, v, xs, s in doc["fetches"]
+    ]
+    sw = doc.get("switch")
+    return raises, fetches, (float(sw[0]), float(sw[1])) if sw else None
+
+
+def dump_log(
+    path: str,
+    raises: Iterable[Raise],
+    fetches: Iterable[Fetch],
+    switch: tuple[float, float] | None,
+) -> None:
+    """Write a log that :func:`load_log` reads and ``kvmlu check`` checks."""
+    doc = {
+        "raises": [[r.t, r.vcpu, r.vector] for r in raises],
+        "fetches": [[f.t, f.vcpu, sorted(f.vectors), f.side] for f in fetches],
+        "switch": list(switch) if switch else None,
+    }
+    with open(path, "w") as f:
+        json.dump(doc, f)

@@ -1,0 +1,255 @@
+"""A test VMM process for handoffs, driven over a control socket.
+
+``python -m pyctl.vmm --control-fd N --strategy S`` owns what a VMM owns for
+its passthrough devices: a descriptor table, the devices' MSI eventfds
+(programmed with VFIO_DEVICE_SET_IRQS) and the bindings between them. The
+controller (a test, or ``kvmlu``) sends one JSON command per message, with fds
+attached by SCM_RIGHTS where a command takes them, and gets one JSON reply.
+
+Commands: ``setup`` (device fds attached: program MSIs, create the table,
+bind), ``deliver`` (fetch every vCPU, report what was taken and when),
+``export_begin`` and ``export_end`` (the old side of a handoff, in the
+strategy's way, to a peer socket or a session), ``import`` (the new side),
+``exit``.
+
+The four strategies of the design:
+
+``naive``
+    the new VMM programs fresh eventfds and a fresh table; what was pending
+    in the old table and what the device raised in between is lost.
+``inject``
+    the new VMM inherits the eventfds, binds them to a fresh table, and
+    injects one interrupt per vector it owns: nothing is lost, but vectors
+    that were not pending are invented.
+``cpr``
+    QEMU CPR style: the old VMM saves its pending vectors (fetching PIR) and
+    unbinds; eventfd counters carry what comes after; the new VMM loads the
+    saved vectors into a fresh table and binds. Interrupts posted between the
+    save and the unbind are lost.
+``shared``
+    kvmlu: the table and bindings themselves are handed over; the new VMM
+    attaches its notification targets and re-initialises nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pyctl import handoff
+from pyctl.kvmlu import Binding, Device, Table
+from pyctl.uapi import lib
+from pyctl.vfio import VfioPciDevice
+
+STRATEGIES = ("naive", "inject", "cpr", "shared")
+NOTIFY_VECTOR = 0xF2
+
+
+def send_msg(sock: socket.socket, doc: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    """One JSON message with optional fds."""
+    body = json.dumps(doc).encode()
+    socket.send_fds(sock, [len(body).to_bytes(4, "little") + body], list(fds))
+
+
+def recv_msg(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    data, fds, _, _ = socket.recv_fds(sock, 1 << 20, 64)
+    if not data:
+        raise EOFError("control socket closed")
+    n = int.from_bytes(data[:4], "little")
+    return json.loads(data[4 : 4 + n]), list(fds)
+
+
+class TestVmm:
+    """The state of one VMM and the strategy it hands over with."""
+
+    def __init__(self, strategy: str) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}")
+        self.strategy = strategy
+        self.dev = Device()
+        self.table: Table | None = None
+        self.bindings: list[Binding] = []
+        self.msi: list[int] = []
+        self.devices: list[int] = []
+        self.targets: list[tuple[int, int]] = []
+        self.notify: list[int] = []
+        self.saved: dict[str, list[int]] = {}
+
+    # Set-up of a first VMM.
+
+    def setup(self, device_fds: list[int], targets: list[list[int]], nr_vcpus: int) -> None:
+        self.devices = device_fds
+        self.targets = [(int(v), int(x)) for v, x in targets]
+        self.table = self.dev.create_table(nr_vcpus)
+        self._attach_notify(attach=False)
+        for fd, (vcpu, vector) in zip(self.devices, self.targets, strict=True):
+            efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            VfioPciDevice.from_device_fd("", os.dup(fd)).set_irq_eventfds(
+                lib.VFIO_PCI_MSI_IRQ_INDEX, [efd]
+            )
+            self.msi.append(efd)
+            self.bindings.append(self.table.bind(efd, vcpu, vector))
+
+    def _attach_notify(self, attach: bool) -> None:
+        assert self.table is not None
+        for v in range(self.table.nr_vcpus):
+            fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self.notify.append(fd)
+            self.table.set_notify(v, fd, nv=NOTIFY_VECTOR, ndst=v, attach=attach)
+
+    # The guest side: take what is pending.
+
+    def deliver(self) -> list[list[Any]]:
+        """Fetch every vCPU: ``[start time, vCPU, [vectors]]`` per fetch, empty ones too."""
+        assert self.table is not None
+        out: list[list[Any]] = []
+        for v in range(self.table.nr_vcpus):
+            t = time.monotonic()
+            out.append([t, v, sorted(self.table.fetch(v))])
+        return out
+
+    # The old side of a handoff.
+
+    def export_begin(self) -> None:
+        """Pause: from here the old VMM takes nothing more. cpr saves PIR now."""
+        assert self.table is not None
+        if self.strategy == "cpr":
+            self.saved = {str(v): sorted(self.table.fetch(v)) for v in range(self.table.nr_vcpus)}
+
+    def export_objects(self) -> tuple[dict[str, Any], list[int]]:
+        """Unbind where the strategy does, and list what travels to the new VMM."""
+        assert self.table is not None
+        objs: list[tuple[str, str]] = []
+        fds: list[int] = []
+        if self.strategy != "shared":
+            for b in self.bindings:
+                b.close()
+            self.bindings = []
+        else:
+            objs.append(("table", "table"))
+            fds.append(self.table.fd)
+            for i, b in enumerate(self.bindings):
+                objs.append((f"binding{i}", "binding"))
+                fds.append(b.fd)
+        if self.strategy != "naive":
+            for i, fd in enumerate(self.msi):
+                objs.append((f"msi{i}", "eventfd"))
+                fds.append(fd)
+        for i, fd in enumerate(self.devices):
+            objs.append((f"device{i}", "vfio-device"))
+            fds.append(fd)
+        manifest = handoff.make_manifest(
+            objs,
+            strategy=self.strategy,
+            targets=self.targets,
+            nr_vcpus=self.table.nr_vcpus,
+            saved=self.saved,
+        )
+        return manifest, fds
+
+    # The new side.
+
+    def import_(self, h: handoff.Handoff) -> None:
+        m = h.manifest
+        self.targets = [(int(v), int(x)) for v, x in m["targets"]]
+        n = len(self.targets)
+        self.devices = [h.fd(f"device{i}") for i in range(n)]
+        if self.strategy == "shared":
+            self.table = Table.from_fd(h.fd("table"))
+            self.bindings = [Binding(h.fd(f"binding{i}")) for i in range(n)]
+            self.msi = [h.fd(f"msi{i}") for i in range(n)]
+            self._attach_notify(attach=True)
+            return
+        self.table = self.dev.create_table(int(m["nr_vcpus"]))
+        self._attach_notify(attach=False)
+        if self.strategy == "naive":
+            for fd in self.devices:
+                efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                VfioPciDevice.from_device_fd("", os.dup(fd)).set_irq_eventfds(
+                    lib.VFIO_PCI_MSI_IRQ_INDEX, [efd]
+                )
+                self.msi.append(efd)
+        else:
+            self.msi = [h.fd(f"msi{i}") for i in range(n)]
+        if self.strategy == "cpr":
+            for v, vecs in m["saved"].items():
+                for vec in vecs:
+                    self.table.post(int(v), int(vec))
+        if self.strategy == "inject":
+            for vcpu, vector in self.targets:
+                self.table.post(vcpu, vector)
+        for efd, (vcpu, vector) in zip(self.msi, self.targets, strict=True):
+            self.bindings.append(self.table.bind(efd, vcpu, vector))
+
+
+def _handle(vmm: TestVmm, cmd: str, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+    """Run one command; its reply fields."""
+    if cmd == "setup":
+        vmm.setup(fds, msg["targets"], int(msg["nr_vcpus"]))
+    elif cmd == "deliver":
+        return {"deliveries": vmm.deliver()}
+    elif cmd == "export_begin":
+        vmm.export_begin()
+    elif cmd == "export_scm":
+        manifest, out = vmm.export_objects()
+        with socket.socket(fileno=fds[0]) as peer:
+            handoff.send(peer, manifest, out)
+    elif cmd == "export_session":
+        manifest, out = vmm.export_objects()
+        handoff.preserve(vmm.dev, msg["name"], manifest, out, msg.get("stop_after"))
+    elif cmd == "import_scm":
+        with socket.socket(fileno=fds[0]) as peer:
+            vmm.import_(handoff.receive(peer))
+    elif cmd == "import_session":
+        h, session = handoff.retrieve(vmm.dev, msg["name"])
+        vmm.import_(h)
+        session.finish()
+        session.close()
+    else:
+        raise ValueError(f"unknown command {cmd!r}")
+    return {}
+
+
+def serve(ctl: socket.socket, vmm: TestVmm) -> None:
+    """Answer commands on ``ctl`` until ``exit`` or EOF.
+
+    ``export_session`` with ``stop_after`` is fault injection: it preserves
+    only that many objects, replies, and waits to be killed.
+    """
+    while True:
+        try:
+            msg, fds = recv_msg(ctl)
+        except EOFError:
+            return
+        cmd = msg["cmd"]
+        if cmd == "exit":
+            send_msg(ctl, {"ok": True})
+            return
+        try:
+            reply = {"ok": True, **_handle(vmm, cmd, msg, fds)}
+        except Exception as e:
+            reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        send_msg(ctl, reply)
+        if msg.get("stop_after") is not None:
+            ctl.recv(1)
+            return
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pyctl.vmm", description=__doc__.split("\n")[0])
+    p.add_argument("--control-fd", type=int, required=True)
+    p.add_argument("--strategy", choices=STRATEGIES, required=True)
+    args = p.parse_args(argv)
+    with socket.socket(fileno=args.control_fd) as ctl:
+        serve(ctl, TestVmm(args.strategy))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

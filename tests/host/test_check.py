@@ -1,0 +1,94 @@
+"""The PIR preservation checker on hand-made timelines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pyctl.check import Fetch, Raise, check, dump_log, load_log
+
+
+def F(t: float, vcpu: int, *vectors: int, side: str = "new") -> Fetch:
+    return Fetch(t, vcpu, frozenset(vectors), side)
+
+
+def test_each_raise_delivered_is_ok() -> None:
+    r = check([Raise(1, 0, 0x41), Raise(3, 0, 0x41)], [F(2, 0, 0x41), F(4, 0, 0x41)])
+    assert r.ok
+    assert (r.total("raised"), r.total("delivered")) == (2, 2)
+
+
+def test_coalesced_raises_need_one_delivery() -> None:
+    """Equal vectors coalesce: three raises, one later delivery, nothing lost."""
+    r = check([Raise(1, 0, 0x41), Raise(2, 0, 0x41), Raise(3, 0, 0x41)], [F(4, 0, 0x41)])
+    assert r.ok
+
+
+def test_raise_after_last_fetch_is_lost() -> None:
+    r = check([Raise(1, 0, 0x41), Raise(5, 0, 0x41)], [F(2, 0, 0x41)])
+    assert (r.lost, r.spurious, r.duplicated) == (1, 0, 0)
+    assert not r.ok
+
+
+def test_fetch_missing_a_landed_raise_loses_it() -> None:
+    """A later delivery does not excuse a fetch that should have seen the vector."""
+    raises = [Raise(1, 0, 0x41), Raise(2, 0, 0x41), Raise(5, 0, 0x41)]
+    r = check(raises, [F(3, 0), F(6, 0, 0x41)])
+    assert (r.lost, r.spurious, r.duplicated) == (2, 0, 0)
+
+
+def test_empty_fetch_with_nothing_raised_is_fine() -> None:
+    assert check([Raise(2, 0, 0x41)], [F(1, 0), F(3, 0, 0x41), F(4, 0)]).ok
+
+
+def test_never_raised_vector_is_spurious() -> None:
+    r = check([Raise(1, 0, 0x41)], [F(2, 0, 0x41), F(2, 1, 0x42)])
+    assert (r.lost, r.spurious, r.duplicated) == (0, 1, 0)
+    assert r.keys[(1, 0x42)].spurious == 1
+
+
+def test_second_delivery_of_one_raise_is_duplicated() -> None:
+    """An old owner takes it, the new one re-injects it: duplicated."""
+    r = check([Raise(1, 0, 0x41)], [F(2, 0, 0x41, side="old"), F(3, 0, 0x41)])
+    assert (r.lost, r.spurious, r.duplicated) == (0, 0, 1)
+
+
+def test_fetch_starting_before_landing_does_not_cover_it() -> None:
+    r = check([Raise(2, 0, 0x41)], [F(1, 0, 0x41)])
+    assert (r.lost, r.spurious) == (1, 1)
+
+
+def test_keys_are_independent() -> None:
+    """A delivery on one vCPU does not cover a raise on another, nor another vector."""
+    r = check([Raise(1, 0, 0x41), Raise(1, 1, 0x42)], [F(2, 1, 0x41), F(2, 0, 0x42)])
+    assert (r.lost, r.spurious) == (2, 2)
+
+
+def test_switch_window_counts(tmp_path: Path) -> None:
+    raises = [Raise(1, 0, 0x41), Raise(5, 0, 0x41), Raise(9, 0, 0x41)]
+    fetches = [F(2, 0, 0x41, side="old"), F(10, 0, 0x41)]
+    r = check(raises, fetches, switch=(4, 6))
+    assert r.ok
+    assert r.keys[(0, 0x41)].raised_in_switch == 1
+    assert "OK: 0 lost, 0 spurious, 0 duplicated" in r.text()
+    log = tmp_path / "log.json"
+    dump_log(str(log), raises, fetches, (4, 6))
+    assert load_log(str(log)) == (raises, fetches, (4.0, 6.0))
+
+
+def test_kvmlu_check_cli(tmp_path: Path) -> None:
+    """kvmlu check exits 0 on a clean log and 1 on one with a loss."""
+    import json
+    import subprocess
+    import sys
+
+    good = tmp_path / "good.json"
+    bad = tmp_path / "bad.json"
+    good.write_text(json.dumps({"raises": [[1, 0, 65]], "fetches": [[2, 0, [65], "new"]]}))
+    bad.write_text(json.dumps({"raises": [[1, 0, 65]], "fetches": [[1.5, 0, [], "new"]]}))
+    kvmlu = [sys.executable, "-m", "pyctl.cli", "check"]
+    r = subprocess.run([*kvmlu, str(good)], capture_output=True, text=True, check=False)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([*kvmlu, str(bad)], capture_output=True, text=True, check=False)
+    assert r.returncode == 1 and "1 lost" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([*kvmlu, "--json", str(bad)], capture_output=True, text=True, check=False)
+    assert json.loads(r.stdout)["lost"] == 1
