@@ -8,9 +8,11 @@ attached by SCM_RIGHTS where a command takes them, and gets one JSON reply.
 
 Commands: ``setup`` (device fds attached: program MSIs, create the table,
 bind), ``deliver`` (fetch every vCPU, report what was taken and when),
-``export_begin`` and ``export_end`` (the old side of a handoff, in the
-strategy's way, to a peer socket or a session), ``import`` (the new side),
-``exit``.
+``export_begin`` then ``export_scm`` or ``export_session`` (the old side of
+a handoff, in the strategy's way, to a peer socket or a session),
+``import_scm`` or ``import_session`` (the new side), ``release`` (drop
+everything after handing over), ``stats`` (binding counters), ``exit``.
+Every reply carries the process's fd count.
 
 The four strategies of the design:
 
@@ -34,6 +36,7 @@ The four strategies of the design:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import socket
@@ -153,6 +156,21 @@ class TestVmm:
         )
         return manifest, fds
 
+    def release(self) -> None:
+        """Close everything this VMM holds (after it handed over); it can import again."""
+        for b in self.bindings:
+            b.close()
+        for fd in self.msi + self.devices + self.notify:
+            os.close(fd)
+        if self.table is not None:
+            self.table.close()
+        self.table, self.bindings, self.msi, self.devices, self.notify = None, [], [], [], []
+        self.saved = {}
+
+    def stats(self) -> list[dict[str, int]]:
+        """Each binding's counters."""
+        return [dataclasses.asdict(b.info().stats) for b in self.bindings]
+
     # The new side.
 
     def import_(self, h: handoff.Handoff) -> None:
@@ -196,6 +214,10 @@ def _handle(vmm: TestVmm, cmd: str, msg: dict[str, Any], fds: list[int]) -> dict
         return {"deliveries": vmm.deliver()}
     elif cmd == "export_begin":
         vmm.export_begin()
+    elif cmd == "release":
+        vmm.release()
+    elif cmd == "stats":
+        return {"bindings": vmm.stats()}
     elif cmd == "export_scm":
         manifest, out = vmm.export_objects()
         with socket.socket(fileno=fds[0]) as peer:
@@ -233,6 +255,7 @@ def serve(ctl: socket.socket, vmm: TestVmm) -> None:
             return
         try:
             reply = {"ok": True, **_handle(vmm, cmd, msg, fds)}
+            reply["nr_fds"] = len(os.listdir("/proc/self/fd"))
         except Exception as e:
             reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
         send_msg(ctl, reply)
