@@ -134,13 +134,31 @@ static struct file *kvmlu_session_file(struct kvmlu_session *s)
 	return file;
 }
 
-/* Install @file at @fd after telling the user; or undo both. */
-static int kvmlu_reply_fd(struct kvmlu_ucmd *ucmd, size_t size, int fd,
-			  struct file *file)
+/*
+ * Open a new fd on @s and put it in the user's reply; on failure nothing is
+ * left behind but @s itself. Caller holds kvmlu_sessions_lock, so FINISH
+ * cannot run on @s before the caller is done with it.
+ */
+static int kvmlu_session_reply(struct kvmlu_ucmd *ucmd,
+			       struct kvmlu_session_create *sc,
+			       struct kvmlu_session *s)
 {
-	int ret = kvmlu_ucmd_respond(ucmd, size);
+	struct file *file;
+	int fd, ret;
 
+	lockdep_assert_held(&kvmlu_sessions_lock);
+	fd = get_unused_fd_flags(O_CLOEXEC);
+	if (fd < 0)
+		return fd;
+	file = kvmlu_session_file(s);
+	if (IS_ERR(file)) {
+		put_unused_fd(fd);
+		return PTR_ERR(file);
+	}
+	sc->fd = fd;
+	ret = kvmlu_ucmd_respond(ucmd, sizeof(*sc));
 	if (ret) {
+		/* Its release drops the file's reference and hold on @s. */
 		fput(file);
 		put_unused_fd(fd);
 		return ret;
@@ -153,8 +171,7 @@ int kvmlu_create_session(struct kvmlu_ucmd *ucmd)
 {
 	struct kvmlu_session_create *sc = ucmd->cmd;
 	struct kvmlu_session *s;
-	struct file *file;
-	int fd, ret;
+	int ret;
 
 	if (sc->flags || sc->reserved)
 		return -EINVAL;
@@ -162,41 +179,28 @@ int kvmlu_create_session(struct kvmlu_ucmd *ucmd)
 	if (!s)
 		return -ENOMEM;
 	ret = kvmlu_session_name(s->name, sc->name);
-	if (ret)
-		goto err_free;
+	if (ret) {
+		kfree(s);
+		return ret;
+	}
+	/* The initial reference is the module list's. */
 	kref_init(&s->ref);
 	mutex_init(&s->lock);
 	INIT_LIST_HEAD(&s->objects);
+	INIT_LIST_HEAD(&s->node);
 
-	fd = get_unused_fd_flags(O_CLOEXEC);
-	if (fd < 0) {
-		ret = fd;
-		goto err_free;
-	}
 	mutex_lock(&kvmlu_sessions_lock);
-	if (kvmlu_session_find(s->name)) {
+	if (kvmlu_session_find(s->name))
 		ret = -EEXIST;
-		goto err_unlock;
+	else
+		ret = kvmlu_session_reply(ucmd, sc, s);
+	if (!ret) {
+		list_add_tail(&s->node, &kvmlu_sessions);
+		__module_get(THIS_MODULE);
 	}
-	file = kvmlu_session_file(s);
-	if (IS_ERR(file)) {
-		ret = PTR_ERR(file);
-		goto err_unlock;
-	}
-	list_add_tail(&s->node, &kvmlu_sessions);
-	__module_get(THIS_MODULE);
-	sc->fd = fd;
-	ret = kvmlu_reply_fd(ucmd, sizeof(*sc), fd, file);
 	mutex_unlock(&kvmlu_sessions_lock);
-	/* On failure the session stays, unheld, as if its fd had been closed. */
-	return ret;
-
-err_unlock:
-	mutex_unlock(&kvmlu_sessions_lock);
-	put_unused_fd(fd);
-err_free:
-	mutex_destroy(&s->lock);
-	kfree(s);
+	if (ret)
+		kvmlu_session_put(s);
 	return ret;
 }
 
@@ -205,8 +209,7 @@ int kvmlu_retrieve_session(struct kvmlu_ucmd *ucmd)
 	struct kvmlu_session_create *sc = ucmd->cmd;
 	char name[KVMLU_SESSION_NAME_LEN];
 	struct kvmlu_session *s;
-	struct file *file;
-	int fd, ret;
+	int ret;
 
 	if (sc->flags || sc->reserved)
 		return -EINVAL;
@@ -214,32 +217,15 @@ int kvmlu_retrieve_session(struct kvmlu_ucmd *ucmd)
 	if (ret)
 		return ret;
 
-	fd = get_unused_fd_flags(O_CLOEXEC);
-	if (fd < 0)
-		return fd;
 	mutex_lock(&kvmlu_sessions_lock);
 	s = kvmlu_session_find(name);
-	if (!s) {
+	if (!s)
 		ret = -ENOENT;
-		goto err_unlock;
-	}
-	if (s->held) {
+	else if (s->held)
 		ret = -EBUSY;
-		goto err_unlock;
-	}
-	file = kvmlu_session_file(s);
-	if (IS_ERR(file)) {
-		ret = PTR_ERR(file);
-		goto err_unlock;
-	}
-	sc->fd = fd;
-	ret = kvmlu_reply_fd(ucmd, sizeof(*sc), fd, file);
+	else
+		ret = kvmlu_session_reply(ucmd, sc, s);
 	mutex_unlock(&kvmlu_sessions_lock);
-	return ret;
-
-err_unlock:
-	mutex_unlock(&kvmlu_sessions_lock);
-	put_unused_fd(fd);
 	return ret;
 }
 
@@ -399,7 +385,14 @@ static int kvmlu_session_retrieve(struct kvmlu_ucmd *ucmd)
 		return ret;
 	}
 	st->fd = fd;
-	return kvmlu_reply_fd(ucmd, sizeof(*st), fd, file);
+	ret = kvmlu_ucmd_respond(ucmd, sizeof(*st));
+	if (ret) {
+		fput(file);
+		put_unused_fd(fd);
+		return ret;
+	}
+	fd_install(fd, file);
+	return 0;
 }
 
 static int kvmlu_session_unpreserve(struct kvmlu_ucmd *ucmd)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 import struct
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import pyudev
 
+from pyctl.closing import Closing
 from pyctl.uapi import ffi, lib
 from pyctl.vfio import VfioPciDevice, driver_of
 
@@ -52,7 +52,7 @@ def find_vfio_edu() -> list[str]:
     return [bdf for bdf in find_edu() if driver_of(bdf) == "vfio-pci"]
 
 
-class Edu:
+class Edu(Closing):
     """One edu function opened through VFIO, its MSI wired to an eventfd."""
 
     def __init__(self, bdf: str, vfio: VfioPciDevice | None = None) -> None:
@@ -112,17 +112,6 @@ class Edu:
             ffi.release(regs)
             self._regs = None
         self.vfio.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<Edu {self.bdf}>"

@@ -15,9 +15,9 @@ import enum
 import mmap
 import os
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
+from pyctl.closing import Closing
 from pyctl.errors import ClosedError
 from pyctl.uapi import ffi, ioctl, lib, new_arg
 
@@ -138,7 +138,7 @@ class ApiInfo:
     stats: Stats
 
 
-class _FdObject:
+class _FdObject(Closing):
     """An object that owns one file descriptor."""
 
     _what = "object"
@@ -163,17 +163,6 @@ class _FdObject:
         if fd is not None:
             self._fd = None
             os.close(fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         self.close()

@@ -16,9 +16,9 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
+from pyctl.closing import Closing
 from pyctl.errors import KvmluError
 from pyctl.uapi import ffi, ioctl, lib
 
@@ -69,7 +69,7 @@ def _argsz(struct_name: str) -> Any:
     return arg
 
 
-class VfioPciDevice:
+class VfioPciDevice(Closing):
     """A vfio-pci function with its own container and group fds.
 
     The three fds are O_CLOEXEC and closed together, device first.
@@ -200,17 +200,6 @@ class VfioPciDevice:
             if fd is not None:
                 setattr(self, attr, None)
                 os.close(fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<VfioPciDevice {self.bdf} fd={self.device_fd}>"
