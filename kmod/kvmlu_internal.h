@@ -77,6 +77,11 @@ union kvmlu_ucmd_buffer {
 	struct kvmlu_session_preserve session_preserve;
 	struct kvmlu_session_token session_token;
 	struct kvmlu_session_finish session_finish;
+	struct kvmlu_vapic_query vapic_query;
+	struct kvmlu_create_vapic create_vapic;
+	struct kvmlu_vapic_vcpu vapic_vcpu;
+	struct kvmlu_vapic_save vapic_save;
+	struct kvmlu_vapic_load vapic_load;
 };
 
 long kvmlu_ioctl_dispatch(const struct kvmlu_ioctl_op *ops, size_t nr_ops,
@@ -170,6 +175,11 @@ void kvmlu_table_get(struct kvmlu_table *table);
 void kvmlu_table_put(struct kvmlu_table *table);
 u32 kvmlu_post(struct kvmlu_table *table, u32 vcpu, u32 vector, u64 count,
 	       bool defer);
+
+/* The in-kernel interface kvmlu.ko exports to the vAPIC modules. */
+struct kvmlu_table *kvmlu_table_from_fd(int fd);
+u32 kvmlu_table_nr_vcpus(struct kvmlu_table *table);
+void kvmlu_table_take_pir(struct kvmlu_table *table, u32 vcpu, u64 pir[4]);
 
 int kvmlu_table_bind(struct kvmlu_ucmd *ucmd);
 bool kvmlu_is_table_file(struct file *file);

@@ -64,6 +64,7 @@ long kvmlu_ioctl_dispatch(const struct kvmlu_ioctl_op *ops, size_t nr_ops,
 		return ret;
 	return op->execute(&ucmd);
 }
+EXPORT_SYMBOL_GPL(kvmlu_ioctl_dispatch);
 
 /**
  * kvmlu_ucmd_respond() - copy a command's output fields back to the user
@@ -83,6 +84,7 @@ int kvmlu_ucmd_respond(struct kvmlu_ucmd *ucmd, size_t size)
 		return -EFAULT;
 	return 0;
 }
+EXPORT_SYMBOL_GPL(kvmlu_ucmd_respond);
 
 static int kvmlu_query(struct kvmlu_ucmd *ucmd)
 {

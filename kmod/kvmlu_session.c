@@ -402,7 +402,7 @@ static int kvmlu_session_unpreserve(struct kvmlu_ucmd *ucmd)
 	struct kvmlu_object *obj;
 	int ret = 0;
 
-	if (st->flags || st->reserved)
+	if (st->flags || st->reserved || st->fd)
 		return -EINVAL;
 
 	mutex_lock(&s->lock);

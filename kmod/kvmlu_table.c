@@ -245,6 +245,7 @@ void kvmlu_table_put(struct kvmlu_table *table)
 {
 	kref_put(&table->ref, kvmlu_table_free);
 }
+EXPORT_SYMBOL_GPL(kvmlu_table_put);
 
 static int kvmlu_table_release(struct inode *inode, struct file *file)
 {
@@ -397,20 +398,13 @@ static int kvmlu_table_fetch(struct kvmlu_ucmd *ucmd)
 {
 	struct kvmlu_table_fetch *fe = ucmd->cmd;
 	struct kvmlu_table *table = ucmd->obj;
-	struct kvmlu_pi_desc *desc;
-	int i;
 
 	if (fe->flags || fe->reserved)
 		return -EINVAL;
 	if (fe->vcpu >= table->nr_vcpus)
 		return -ERANGE;
 
-	desc = &table->desc[fe->vcpu];
-	clear_bit(KVMLU_PI_ON_BIT, kvmlu_ctl(desc));
-	/* ON is clear before any PIR word is taken: see the file comment. */
-	smp_mb__after_atomic();
-	for (i = 0; i < ARRAY_SIZE(desc->pir); i++)
-		fe->pir[i] = xchg(&desc->pir[i], 0);
+	kvmlu_table_take_pir(table, fe->vcpu, fe->pir);
 	return kvmlu_ucmd_respond(ucmd, sizeof(*fe));
 }
 
@@ -486,6 +480,65 @@ bool kvmlu_is_table_file(struct file *file)
 {
 	return file->f_op == &kvmlu_table_fops;
 }
+
+/*
+ * The in-kernel interface for the vAPIC modules. Each takes or holds a
+ * reference on the table, never on a file: a vAPIC keeps its table alive
+ * however the table's fds come and go.
+ */
+
+/**
+ * kvmlu_table_from_fd() - the table behind a file descriptor
+ * @fd: A file descriptor of the calling process.
+ *
+ * Return: the table with a reference taken (drop it with kvmlu_table_put()),
+ * ERR_PTR(-EBADF) if @fd is not open, ERR_PTR(-EINVAL) if it is not a table.
+ */
+struct kvmlu_table *kvmlu_table_from_fd(int fd)
+{
+	struct kvmlu_table *table;
+	struct file *file = fget(fd);
+
+	if (!file)
+		return ERR_PTR(-EBADF);
+	if (!kvmlu_is_table_file(file)) {
+		fput(file);
+		return ERR_PTR(-EINVAL);
+	}
+	table = file->private_data;
+	kvmlu_table_get(table);
+	fput(file);
+	return table;
+}
+EXPORT_SYMBOL_GPL(kvmlu_table_from_fd);
+
+u32 kvmlu_table_nr_vcpus(struct kvmlu_table *table)
+{
+	return table->nr_vcpus;
+}
+EXPORT_SYMBOL_GPL(kvmlu_table_nr_vcpus);
+
+/**
+ * kvmlu_table_take_pir() - take a vCPU's pending vectors, as FETCH does
+ * @table: The table.
+ * @vcpu: The vCPU, below kvmlu_table_nr_vcpus().
+ * @pir: Where to put the four PIR words taken.
+ *
+ * Clears ON, then exchanges each PIR word with zero (see the file comment).
+ * Any context.
+ */
+void kvmlu_table_take_pir(struct kvmlu_table *table, u32 vcpu, u64 pir[4])
+{
+	struct kvmlu_pi_desc *desc = &table->desc[vcpu];
+	int i;
+
+	clear_bit(KVMLU_PI_ON_BIT, kvmlu_ctl(desc));
+	/* ON is clear before any PIR word is taken: see the file comment. */
+	smp_mb__after_atomic();
+	for (i = 0; i < ARRAY_SIZE(desc->pir); i++)
+		pir[i] = xchg(&desc->pir[i], 0);
+}
+EXPORT_SYMBOL_GPL(kvmlu_table_take_pir);
 
 /**
  * kvmlu_table_create() - allocate a table and the file that owns it

@@ -36,6 +36,10 @@ REQUEST_NAMES: dict[int, str] = {
         "KVMLU_SET_NOTIFY_FLAGS",
         "KVMLU_SESSION_NAME_LEN",
         "KVMLU_SESSION_HELD",
+        "KVMLU_VAPIC_DEV_CMD_BASE",
+        "KVMLU_VAPIC_CMD_BASE",
+        "KVMLU_VAPIC_MAGIC",
+        "KVMLU_VAPIC_LOAD_CLEAR_PIR",
     }
 }
 

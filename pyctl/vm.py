@@ -51,7 +51,7 @@ from typing import IO, Any, Literal
 from pyctl import klog
 
 CHECKOUT = Path(__file__).resolve().parent.parent
-DEFAULT_MODULES = ("kmod/kvmlu.ko",)
+DEFAULT_MODULES = ("kmod/kvmlu.ko", "kmod/kvmlu_vapic_v1.ko", "kmod/kvmlu_vapic_v2.ko")
 DEFAULT_RESULTS = CHECKOUT / "results" / "vm"
 DEFAULT_TIMEOUT = 1800.0
 DEFAULT_MEMORY_MB = 1024
@@ -442,7 +442,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         action="append",
         metavar="PATH.ko",
-        help="module to load, in order (repeatable; default: kmod/kvmlu.ko if built)",
+        help="module to load, in order (repeatable; default: the built kvmlu modules)",
     )
     parser.add_argument("--no-modules", action="store_true", help="load no module")
     parser.add_argument(

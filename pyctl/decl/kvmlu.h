@@ -240,4 +240,86 @@ struct kvmlu_session_finish {
 	...;
 };
 
+static const int KVMLU_VAPIC_DEV_CMD_BASE;
+static const int KVMLU_CMD_VAPIC_QUERY;
+static const int KVMLU_CMD_CREATE_VAPIC;
+static const int KVMLU_VAPIC_CMD_BASE;
+static const int KVMLU_CMD_VAPIC_SYNC;
+static const int KVMLU_CMD_VAPIC_ACK;
+static const int KVMLU_CMD_VAPIC_EOI;
+static const int KVMLU_CMD_VAPIC_GET;
+static const int KVMLU_CMD_VAPIC_SAVE;
+static const int KVMLU_CMD_VAPIC_LOAD;
+#define KVMLU_VAPIC_QUERY ...
+#define KVMLU_CREATE_VAPIC ...
+#define KVMLU_VAPIC_SYNC ...
+#define KVMLU_VAPIC_ACK ...
+#define KVMLU_VAPIC_EOI ...
+#define KVMLU_VAPIC_GET ...
+#define KVMLU_VAPIC_SAVE ...
+#define KVMLU_VAPIC_LOAD ...
+#define KVMLU_VAPIC_MAGIC ...
+#define KVMLU_VAPIC_LOAD_CLEAR_PIR ...
+
+struct kvmlu_vapic_query {
+	__u32 size;
+	__u32 flags;
+	__u32 version;
+	__u32 min_load_version;
+	__u32 vcpu_record_size;
+	__u32 reserved;
+	...;
+};
+
+struct kvmlu_create_vapic {
+	__u32 size;
+	__u32 flags;
+	__s32 table_fd;
+	__s32 fd;
+	...;
+};
+
+struct kvmlu_vapic_vcpu {
+	__u32 size;
+	__u32 flags;
+	__u32 vcpu;
+	__u32 vector;
+	__u64 irr[4];
+	__u64 isr[4];
+	__u64 tmr[4];
+	__u64 moved[4];
+	...;
+};
+
+typedef unsigned short __u16;
+
+struct kvmlu_vapic_blob {
+	__u32 magic;
+	__u16 version;
+	__u16 header_size;
+	__u32 size;
+	__u32 nr_vcpus;
+	__u32 vcpu_size;
+	__u32 checksum;
+	...;
+};
+
+struct kvmlu_vapic_save {
+	__u32 size;
+	__u32 flags;
+	__u64 buf;
+	__u32 buf_len;
+	__u32 blob_size;
+	...;
+};
+
+struct kvmlu_vapic_load {
+	__u32 size;
+	__u32 flags;
+	__u64 buf;
+	__u32 buf_len;
+	__u32 reserved;
+	...;
+};
+
 int ioctl(int fd, unsigned long request, ...);

@@ -20,8 +20,12 @@ from kutil import eventfd_count, fd_count, raw_arg, snapshot
 from pyctl.errors import KvmluError
 from pyctl.kvmlu import Device, PostResult, Session, Table
 from pyctl.uapi import ffi, ioctl, lib
+from pyctl.vapic import VapicDevice
 
 SRC = -1000  # in a field list: stands for the eventfd a BIND would consume
+TABLE = -1001  # the fixture's table fd
+SAVE_BUF, SAVE_LEN = -1002, -1003  # a buffer a vAPIC blob fits in
+BLOB_BUF, BLOB_LEN = -1004, -1005  # a valid vAPIC blob
 
 
 @dataclass
@@ -116,9 +120,37 @@ CMDS = [
         "kvmlu_session_token",
         "session",
         {"token": 1},
-        ("reserved",),
+        ("reserved", "fd"),
     ),
     Cmd("FINISH", lib.KVMLU_SESSION_FINISH, "kvmlu_session_finish", "session"),
+    Cmd("VAPIC_QUERY", lib.KVMLU_VAPIC_QUERY, "kvmlu_vapic_query", "vapicdev"),
+    Cmd(
+        "CREATE_VAPIC",
+        lib.KVMLU_CREATE_VAPIC,
+        "kvmlu_create_vapic",
+        "vapicdev",
+        {"table_fd": TABLE},
+    ),
+    *[
+        Cmd(name, getattr(lib, f"KVMLU_{name}"), "kvmlu_vapic_vcpu", "vapic", {"vcpu": 1})
+        for name in ("VAPIC_SYNC", "VAPIC_ACK", "VAPIC_EOI", "VAPIC_GET")
+    ],
+    Cmd(
+        "VAPIC_SAVE",
+        lib.KVMLU_VAPIC_SAVE,
+        "kvmlu_vapic_save",
+        "vapic",
+        {"buf": SAVE_BUF, "buf_len": SAVE_LEN},
+    ),
+    Cmd(
+        "VAPIC_LOAD",
+        lib.KVMLU_VAPIC_LOAD,
+        "kvmlu_vapic_load",
+        "vapic",
+        {"buf": BLOB_BUF, "buf_len": BLOB_LEN},
+        ("reserved",),
+        known_flags=lib.KVMLU_VAPIC_LOAD_CLEAR_PIR,
+    ),
 ]
 BY_NAME = {c.name: c for c in CMDS}
 
@@ -133,6 +165,11 @@ MIN_SIZES = {
     "kvmlu_session_preserve": 24,
     "kvmlu_session_token": 24,
     "kvmlu_session_finish": 8,
+    "kvmlu_vapic_query": 24,
+    "kvmlu_create_vapic": 16,
+    "kvmlu_vapic_vcpu": 144,
+    "kvmlu_vapic_save": 24,
+    "kvmlu_vapic_load": 24,
     "kvmlu_create_table": 16,
     "kvmlu_table_set_notify": 24,
     "kvmlu_table_set_sn": 16,
@@ -157,8 +194,18 @@ class Env:
         self.session = dev.create_session("badinput")
         self.session.preserve(table.fd, 1)
         dev.create_session("badinput-parked").close()
+        self.vapicdev = VapicDevice(2)
+        self.vapic = self.vapicdev.create(table)
+        table.post(1, 0x5B)
+        self.vapic.sync(1)  # IRR: 0x50, 0x5B
+        self.vapic.ack(1)
+        self.blob = self.vapic.save()
+        self.blob_buf = ffi.from_buffer(self.blob)
+        self.save_buf = ffi.new("char[]", len(self.blob) + 64)
 
     def close(self) -> None:
+        self.vapic.close()
+        self.vapicdev.close()
         self.binding.close()
         os.close(self.src)
         os.close(self.bound_src)
@@ -175,6 +222,8 @@ class Env:
             "table": self.table.fd,
             "binding": self.binding.fd,
             "session": self.session.fd,
+            "vapicdev": self.vapicdev.fd,
+            "vapic": self.vapic.fd,
         }
 
     def fd_for(self, cmd: Cmd) -> int:
@@ -182,9 +231,17 @@ class Env:
 
     def arg(self, cmd: Cmd, **over: int) -> bytearray:
         fields = {**cmd.fields, **over}
-        for key in ("eventfd", "fd"):
-            if fields.get(key) == SRC:
-                fields[key] = self.src
+        stand_ins = {
+            SRC: self.src,
+            TABLE: self.table.fd,
+            SAVE_BUF: int(ffi.cast("uintptr_t", self.save_buf)),
+            SAVE_LEN: len(self.save_buf),
+            BLOB_BUF: int(ffi.cast("uintptr_t", self.blob_buf)),
+            BLOB_LEN: len(self.blob),
+        }
+        for key, value in fields.items():
+            if isinstance(value, int) and value in stand_ins:
+                fields[key] = stand_ins[value]
         return raw_arg(cmd.struct, **fields)
 
     def state(self) -> tuple[Any, ...]:
@@ -194,6 +251,7 @@ class Env:
             self.table.info(),
             self.binding.info(),
             self.dev.list_sessions(),
+            [self.vapic.get(v) for v in range(self.table.nr_vcpus)],
             fd_count(),
         )
 
@@ -261,6 +319,7 @@ def test_zero_tail_accepted(env: Env, cmd: Cmd) -> None:
         "CREATE_SESSION": 72,
         "RETRIEVE_SESSION": 72,
         "RETRIEVE": 16,
+        "CREATE_VAPIC": 12,
     }.get(cmd.name)
     if fd_offset is not None:
         new_fd = int.from_bytes(arg[fd_offset : fd_offset + 4], "little", signed=True)
@@ -305,8 +364,8 @@ def test_bad_pointer(env: Env, cmd: Cmd) -> None:
     env.refused(env.fd_for(cmd), cmd.request, ffi.cast("void *", 8), errno.EFAULT)
 
 
-@pytest.mark.parametrize("on", ["dev", "table", "binding", "session"])
-@pytest.mark.parametrize("nr", [0x05, 0x1F, 0x27, 0x3F, 0x41, 0x64, 0xFF])
+@pytest.mark.parametrize("on", ["dev", "table", "binding", "session", "vapicdev", "vapic"])
+@pytest.mark.parametrize("nr", [0x05, 0x1F, 0x27, 0x3F, 0x41, 0x64, 0x82, 0xA6, 0xFF])
 def test_unknown_command(env: Env, on: str, nr: int) -> None:
     """An unknown command number is ENOTTY."""
     fd = env.fds[on]
@@ -338,14 +397,14 @@ def test_create_table_vcpu_count_out_of_range(env: Env, nr: int) -> None:
     env.refused(env.dev.fd, cmd.request, env.arg(cmd, nr_vcpus=nr), errno.ERANGE)
 
 
-TABLE_CMDS = [c for c in CMDS if c.on == "table" and "vcpu" in c.fields]
+TABLE_CMDS = [c for c in CMDS if "vcpu" in c.fields]
 
 
 @pytest.mark.parametrize("cmd", TABLE_CMDS, ids=repr)
 @pytest.mark.parametrize("vcpu", [8, 1024, 0xFFFFFFFF])
 def test_vcpu_out_of_range(env: Env, cmd: Cmd, vcpu: int) -> None:
     """A vCPU index at or past the table's count is ERANGE."""
-    env.refused(env.table.fd, cmd.request, env.arg(cmd, vcpu=vcpu), errno.ERANGE)
+    env.refused(env.fd_for(cmd), cmd.request, env.arg(cmd, vcpu=vcpu), errno.ERANGE)
 
 
 @pytest.mark.parametrize("name", ["POST", "BIND"])
@@ -507,3 +566,33 @@ def test_bind_eventfd_that_is_the_notify_target(env: Env) -> None:
         env.table.fetch(1)
         env.table.post(1, 0x45)  # ON rises: signals efd, whose binding posts 0x44
         assert 0x44 in env.table.pir(4)
+
+
+def test_vapic_save_buffer_too_small(env: Env) -> None:
+    """SAVE into a buffer the blob does not fit is ENOSPC, and reports the size needed."""
+    cmd = BY_NAME["VAPIC_SAVE"]
+    env.refused(env.vapic.fd, cmd.request, env.arg(cmd, buf_len=len(env.blob) - 1), errno.ENOSPC)
+    arg = env.arg(cmd, buf_len=0)
+    with pytest.raises(KvmluError):
+        ioctl(env.vapic.fd, cmd.request, arg)
+    assert int.from_bytes(arg[20:24], "little") == len(env.blob)
+
+
+def test_vapic_load_test_flag_refused(env: Env) -> None:
+    """The test-only CLEAR_PIR flag is EPERM unless the module allows it."""
+    cmd = BY_NAME["VAPIC_LOAD"]
+    arg = env.arg(cmd, flags=lib.KVMLU_VAPIC_LOAD_CLEAR_PIR)
+    env.refused(env.vapic.fd, cmd.request, arg, errno.EPERM)
+
+
+@pytest.mark.parametrize("kind", ["eventfd", "device", "binding"])
+def test_create_vapic_on_non_table(env: Env, kind: str) -> None:
+    cmd = BY_NAME["CREATE_VAPIC"]
+    fd = {"eventfd": env.src, "device": env.dev.fd, "binding": env.binding.fd}[kind]
+    env.refused(env.vapicdev.fd, cmd.request, env.arg(cmd, table_fd=fd), errno.EINVAL)
+
+
+@pytest.mark.parametrize("fd", [-1, 0x7FFFFFFF])
+def test_create_vapic_fd_not_open(env: Env, fd: int) -> None:
+    cmd = BY_NAME["CREATE_VAPIC"]
+    env.refused(env.vapicdev.fd, cmd.request, env.arg(cmd, table_fd=fd), errno.EBADF)

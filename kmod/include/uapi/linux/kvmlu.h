@@ -47,8 +47,8 @@
  *    wrong type (for example one that is not an eventfd).
  *  - E2BIG: @size beyond the kernel's structure with non-zero bytes there.
  *  - ERANGE: a vCPU index at or beyond the table's vCPU count, a vector or
- *    notification vector outside 32..255, or a vCPU count outside
- *    1..KVMLU_MAX_VCPUS.
+ *    notification vector outside 32..255, a vCPU count outside
+ *    1..KVMLU_MAX_VCPUS, or a vAPIC blob for another vCPU count.
  *  - EBADF: a file descriptor field that names no open file.
  *  - EBUSY: the eventfd is bound to this table already; the session is
  *    held by an open session file descriptor.
@@ -56,6 +56,9 @@
  *  - ENOENT: no session of that name, or no object under that token.
  *  - EOPNOTSUPP: a file of a type a session cannot preserve.
  *  - ESTALE: the session was finished.
+ *  - ENOSPC: a vAPIC blob does not fit the buffer given.
+ *  - EBADMSG, EPROTONOSUPPORT: see "vAPIC modules" below.
+ *  - EPERM: a test-only flag while the module does not allow them.
  *  - ENOMEM, EMFILE, ENFILE: the kernel could not allocate the object or a
  *    file descriptor for it.
  *
@@ -434,6 +437,179 @@ struct kvmlu_binding_info {
 
 #define KVMLU_BINDING_INFO _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_BINDING_INFO)
 
+/**
+ * DOC: vAPIC modules
+ *
+ * kvmlu_vapic_v1.ko and kvmlu_vapic_v2.ko are built from one source and can
+ * be loaded side by side; each offers /dev/kvmlu_vapic_v<N>. A vAPIC object
+ * is attached to a kvmlu table (which it keeps alive) and holds, per vCPU, the
+ * virtual APIC's interrupt state: IRR and ISR, and in version 2 also TMR and
+ * a per-vector count of acknowledged interrupts. SYNC moves PIR into IRR,
+ * ACK moves the highest deliverable vector from IRR to ISR, EOI retires the
+ * highest in-service vector. SAVE writes the state as a blob (a
+ * &struct kvmlu_vapic_blob header, then one record per vCPU); LOAD reads
+ * one. Version 2 loads version 1 blobs (the new fields start at zero);
+ * version 1 refuses version 2 blobs with EPROTONOSUPPORT. Loading never
+ * touches PIR: what was posted while the state travelled stays pending.
+ *
+ * LOAD's errors: EINVAL for a blob shorter than its header or its stated
+ * size, or with sizes that do not add up; EBADMSG for a wrong magic or
+ * checksum; ERANGE for a vCPU count other than the table's;
+ * EPROTONOSUPPORT for a format version this module does not read. A refused
+ * LOAD changes nothing.
+ */
+
+/* Commands on /dev/kvmlu_vapic_v<N>. */
+enum {
+	KVMLU_VAPIC_DEV_CMD_BASE = 0x80,
+	KVMLU_CMD_VAPIC_QUERY = KVMLU_VAPIC_DEV_CMD_BASE,
+	KVMLU_CMD_CREATE_VAPIC = 0x81,
+};
+
+/* Commands on a vAPIC file descriptor. */
+enum {
+	KVMLU_VAPIC_CMD_BASE = 0xA0,
+	KVMLU_CMD_VAPIC_SYNC = KVMLU_VAPIC_CMD_BASE,
+	KVMLU_CMD_VAPIC_ACK = 0xA1,
+	KVMLU_CMD_VAPIC_EOI = 0xA2,
+	KVMLU_CMD_VAPIC_GET = 0xA3,
+	KVMLU_CMD_VAPIC_SAVE = 0xA4,
+	KVMLU_CMD_VAPIC_LOAD = 0xA5,
+};
+
+/**
+ * struct kvmlu_vapic_query - KVMLU_VAPIC_QUERY: which vAPIC module this is
+ * @size: Input. sizeof(struct kvmlu_vapic_query).
+ * @flags: Input. Must be zero.
+ * @version: Output. The module's version (1 or 2), also its save format's.
+ * @min_load_version: Output. The oldest format version LOAD accepts.
+ * @vcpu_record_size: Output. Bytes of one vCPU record in its SAVE format.
+ * @reserved: Output. Zero.
+ */
+struct kvmlu_vapic_query {
+	__u32 size;
+	__u32 flags;
+	__u32 version;
+	__u32 min_load_version;
+	__u32 vcpu_record_size;
+	__u32 reserved;
+};
+
+#define KVMLU_VAPIC_QUERY _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_VAPIC_QUERY)
+
+/**
+ * struct kvmlu_create_vapic - KVMLU_CREATE_VAPIC: a vAPIC for a table
+ * @size: Input. sizeof(struct kvmlu_create_vapic).
+ * @flags: Input. Must be zero.
+ * @table_fd: Input. A kvmlu table; EINVAL for any other file.
+ * @fd: Output. The vAPIC's file descriptor (O_CLOEXEC).
+ *
+ * The new state is empty: nothing requested, nothing in service.
+ */
+struct kvmlu_create_vapic {
+	__u32 size;
+	__u32 flags;
+	__s32 table_fd;
+	__s32 fd;
+};
+
+#define KVMLU_CREATE_VAPIC _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_CREATE_VAPIC)
+
+/**
+ * struct kvmlu_vapic_vcpu - KVMLU_VAPIC_SYNC, _ACK, _EOI or _GET on a vCPU
+ * @size: Input. sizeof(struct kvmlu_vapic_vcpu).
+ * @flags: Input. Must be zero.
+ * @vcpu: Input. The vCPU.
+ * @vector: Output. ACK: the vector now in service; EOI: the vector
+ *	retired; 0 if there was none.
+ * @irr: Output. IRR after the command, in the layout of PIR.
+ * @isr: Output. ISR after the command.
+ * @tmr: Output. TMR (version 2; zero in version 1).
+ * @moved: Output. SYNC: the vectors taken from PIR into IRR.
+ */
+struct kvmlu_vapic_vcpu {
+	__u32 size;
+	__u32 flags;
+	__u32 vcpu;
+	__u32 vector;
+	__aligned_u64 irr[4];
+	__aligned_u64 isr[4];
+	__aligned_u64 tmr[4];
+	__aligned_u64 moved[4];
+};
+
+#define KVMLU_VAPIC_SYNC _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_VAPIC_SYNC)
+#define KVMLU_VAPIC_ACK _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_VAPIC_ACK)
+#define KVMLU_VAPIC_EOI _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_VAPIC_EOI)
+#define KVMLU_VAPIC_GET _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_VAPIC_GET)
+
+/* "KVAP", little-endian. */
+#define KVMLU_VAPIC_MAGIC	0x5041564bU
+
+/**
+ * struct kvmlu_vapic_blob - the header of a saved vAPIC state
+ * @magic: KVMLU_VAPIC_MAGIC.
+ * @version: The format version (the saving module's version).
+ * @header_size: sizeof(struct kvmlu_vapic_blob).
+ * @size: Bytes of the whole blob, header included.
+ * @nr_vcpus: vCPU records that follow.
+ * @vcpu_size: Bytes of one record: 64 in version 1 (IRR, ISR), 1120 in
+ *	version 2 (IRR, ISR, TMR, then 256 __u32 acknowledged counts).
+ * @checksum: CRC-32 (as zlib's crc32()) of the bytes after the header.
+ */
+struct kvmlu_vapic_blob {
+	__u32 magic;
+	__u16 version;
+	__u16 header_size;
+	__u32 size;
+	__u32 nr_vcpus;
+	__u32 vcpu_size;
+	__u32 checksum;
+};
+
+/**
+ * struct kvmlu_vapic_save - KVMLU_VAPIC_SAVE: write the state as a blob
+ * @size: Input. sizeof(struct kvmlu_vapic_save).
+ * @flags: Input. Must be zero.
+ * @buf: Input. User address of the buffer.
+ * @buf_len: Input. Its length; ENOSPC if the blob does not fit.
+ * @blob_size: Output. The blob's size, also when it did not fit.
+ */
+struct kvmlu_vapic_save {
+	__u32 size;
+	__u32 flags;
+	__aligned_u64 buf;
+	__u32 buf_len;
+	__u32 blob_size;
+};
+
+#define KVMLU_VAPIC_SAVE _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_VAPIC_SAVE)
+
+/**
+ * struct kvmlu_vapic_load - KVMLU_VAPIC_LOAD: replace the state from a blob
+ * @size: Input. sizeof(struct kvmlu_vapic_load).
+ * @flags: Input. KVMLU_VAPIC_LOAD_CLEAR_PIR or zero.
+ * @buf: Input. User address of the blob.
+ * @buf_len: Input. Bytes at @buf.
+ * @reserved: Must be zero.
+ */
+struct kvmlu_vapic_load {
+	__u32 size;
+	__u32 flags;
+	__aligned_u64 buf;
+	__u32 buf_len;
+	__u32 reserved;
+};
+
+/*
+ * Test-only: also clear PIR, as upstream KVM's LAPIC restore does, to show
+ * what that loses. Refused with EPERM unless the module parameter
+ * allow_test_flags is set.
+ */
+#define KVMLU_VAPIC_LOAD_CLEAR_PIR	(1U << 0)
+
+#define KVMLU_VAPIC_LOAD _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_VAPIC_LOAD)
+
 /* The length of a session name, its terminating NUL included. */
 #define KVMLU_SESSION_NAME_LEN	64
 
@@ -539,11 +715,12 @@ struct kvmlu_session_preserve {
 #define KVMLU_SESSION_PRESERVE _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_SESSION_PRESERVE)
 
 /**
- * struct kvmlu_session_token - RETRIEVE or UNPRESERVE an object by token
+ * struct kvmlu_session_token - KVMLU_SESSION_RETRIEVE or KVMLU_SESSION_UNPRESERVE
  * @size: Input. sizeof(struct kvmlu_session_token).
  * @flags: Input. Must be zero.
  * @token: Input. The object's token.
- * @fd: Output (RETRIEVE). A new file descriptor (O_CLOEXEC) for the object.
+ * @fd: Output of RETRIEVE: a new file descriptor (O_CLOEXEC) for the
+ *	object. UNPRESERVE: must be zero.
  * @reserved: Must be zero.
  *
  * RETRIEVE gives the caller its own file descriptor and leaves the object in

@@ -1,0 +1,274 @@
+"""The vAPIC modules: IRR/ISR over a table, versioned save and load, and the swap."""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kutil import wait_until
+
+from pyctl.check import Fetch, Raise, check
+from pyctl.errors import KvmluError
+from pyctl.kvmlu import Device, Table
+from pyctl.vapic import BLOB_HEADER, VapicDevice, blob_header, rewrite_blob
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+V2_PARAM = Path("/sys/module/kvmlu_vapic_v2/parameters/allow_test_flags")
+
+
+@pytest.fixture
+def v1() -> Iterator[VapicDevice]:
+    with VapicDevice(1) as d:
+        yield d
+
+
+@pytest.fixture
+def v2() -> Iterator[VapicDevice]:
+    with VapicDevice(2) as d:
+        yield d
+
+
+def _err(call: object, *args: object, **kw: object) -> int:
+    with pytest.raises(KvmluError) as ei:
+        call(*args, **kw)  # type: ignore[operator]
+    return ei.value.errno
+
+
+def test_versions(v1: VapicDevice, v2: VapicDevice) -> None:
+    """Both modules are loaded side by side and say which format they write."""
+    assert (v1.query().version, v1.query().vcpu_record_size) == (1, 64)
+    assert (v2.query().version, v2.query().vcpu_record_size) == (2, 1120)
+    assert v1.query().min_load_version == v2.query().min_load_version == 1
+
+
+def test_sync_ack_eoi(table: Table, v1: VapicDevice) -> None:
+    """SYNC moves PIR into IRR (PIR empty, ON clear); ACK takes the highest deliverable
+    vector into ISR; a lower priority class waits; EOI retires the highest in service."""
+    with v1.create(table) as va:
+        for vec in (0x31, 0x52, 0x9A):
+            table.post(0, vec)
+        s = va.sync(0)
+        assert s.moved == {0x31, 0x52, 0x9A} == s.irr
+        assert not table.pir(0) and not table.on(0)
+        assert va.ack(0) == 0x9A
+        assert va.ack(0) == 0, "0x52 is in a lower priority class than 0x9A in service"
+        assert va.get(0).isr == {0x9A}
+        assert va.eoi(0) == 0x9A
+        assert va.ack(0) == 0x52
+        table.post(0, 0x5F)
+        va.sync(0)
+        assert va.ack(0) == 0, "same class as 0x52 in service: waits"
+        assert va.eoi(0) == 0x52
+        assert va.ack(0) == 0x5F
+        assert va.get(0) == va.get(0)
+        assert va.get(0).irr == {0x31}
+
+
+def test_vapic_keeps_table_alive(dev: Device, v2: VapicDevice) -> None:
+    base = dev.query().nr_tables
+    t = dev.create_table(2)
+    va = v2.create(t)
+    t.close()
+    assert dev.query().nr_tables == base + 1
+    va.close()
+    assert dev.query().nr_tables == base
+
+
+def test_save_load_roundtrip_and_v2_reads_v1(
+    table: Table, v1: VapicDevice, v2: VapicDevice
+) -> None:
+    """A v1 blob loads into v1 and v2 with IRR and ISR intact; v2's new fields start at 0."""
+    with v1.create(table) as a:
+        for vec in (0x40, 0x80, 0xC0):
+            table.post(3, vec)
+        a.sync(3)
+        a.ack(3)
+        blob = a.save()
+        h = blob_header(blob)
+        assert (h["version"], h["nr_vcpus"], h["vcpu_size"]) == (1, 8, 64)
+        assert h["size"] == len(blob) == BLOB_HEADER.size + 8 * 64
+        with v1.create(table) as b:
+            b.load(blob)
+            assert b.get(3) == a.get(3)
+        with v2.create(table) as c:
+            c.load(blob)
+            s = c.get(3)
+            assert (s.irr, s.isr, s.tmr) == ({0x40, 0x80}, {0xC0}, frozenset())
+            blob2 = c.save()
+            assert blob_header(blob2)["version"] == 2
+
+
+def test_v2_counts_acks_in_its_blob(table: Table, v2: VapicDevice) -> None:
+    with v2.create(table) as va:
+        for _ in range(3):
+            table.post(1, 0x66)
+            va.sync(1)
+            assert va.ack(1) == 0x66
+            va.eoi(1)
+        blob = va.save()
+        rec = BLOB_HEADER.size + 1 * 1120
+        acked = struct.unpack_from("<256I", blob, rec + 96)
+        assert acked[0x66] == 3 and sum(acked) == 3
+
+
+def test_v1_refuses_v2_blob(table: Table, v1: VapicDevice, v2: VapicDevice) -> None:
+    with v2.create(table) as new, v1.create(table) as old:
+        table.post(0, 0x70)
+        old.sync(0)
+        before = old.get(0)
+        assert _err(old.load, new.save()) == errno.EPROTONOSUPPORT
+        assert old.get(0) == before
+
+
+def test_load_never_touches_pir(table: Table, v1: VapicDevice, v2: VapicDevice) -> None:
+    """What was posted while the state travelled stays pending in PIR."""
+    with v1.create(table) as old:
+        table.post(2, 0x44)
+        old.sync(2)
+        blob = old.save()
+    table.post(2, 0x55)  # arrives during the swap
+    with v2.create(table) as new:
+        new.load(blob)
+        assert table.pir(2) == {0x55}
+        assert new.sync(2).irr == {0x44, 0x55}
+
+
+@pytest.mark.parametrize(
+    "damage,err",
+    [
+        ("truncated-header", errno.EINVAL),
+        ("truncated-body", errno.EINVAL),
+        ("checksum", errno.EBADMSG),
+        ("magic", errno.EBADMSG),
+        ("sizes", errno.EINVAL),
+        ("future-version", errno.EPROTONOSUPPORT),
+        ("version-zero", errno.EPROTONOSUPPORT),
+    ],
+)
+def test_bad_blob_refused_and_state_unchanged(
+    table: Table, v2: VapicDevice, damage: str, err: int
+) -> None:
+    with v2.create(table) as va:
+        table.post(5, 0x77)
+        va.sync(5)
+        va.ack(5)
+        good = va.save()
+        table.post(5, 0x78)
+        before = [va.get(v) for v in range(table.nr_vcpus)]
+        if damage == "truncated-header":
+            blob = good[:10]
+        elif damage == "truncated-body":
+            blob = good[:-1]
+        elif damage == "checksum":
+            blob = bytearray(good)
+            blob[-1] ^= 1
+            blob = bytes(blob)
+        elif damage == "magic":
+            blob = rewrite_blob(good, magic=0x12345678)
+        elif damage == "sizes":
+            blob = rewrite_blob(good, vcpu_size=63)
+        elif damage == "future-version":
+            blob = rewrite_blob(good, version=3)
+        else:
+            blob = rewrite_blob(good, version=0)
+        assert _err(va.load, blob) == err
+        assert [va.get(v) for v in range(table.nr_vcpus)] == before
+        assert table.pir(5) == {0x78}, "a refused load leaves PIR alone"
+
+
+def test_wrong_vcpu_count_refused(dev: Device, v2: VapicDevice) -> None:
+    with (
+        dev.create_table(2) as t2,
+        dev.create_table(4) as t4,
+        v2.create(t2) as a,
+        v2.create(t4) as b,
+    ):
+        assert _err(b.load, a.save()) == errno.ERANGE
+
+
+def test_create_on_non_table(dev: Device, v1: VapicDevice, efd: int) -> None:
+    assert _err(v1.create, efd) == errno.EINVAL
+    assert _err(v1.create, dev.fd) == errno.EINVAL
+    assert _err(v1.create, 0x7FFF) == errno.EBADF
+
+
+def test_vcpu_out_of_range(table: Table, v1: VapicDevice) -> None:
+    with v1.create(table) as va:
+        for op in (va.sync, va.ack, va.eoi, va.get):
+            assert _err(op, 8) == errno.ERANGE
+
+
+def test_clear_pir_flag_is_test_only(table: Table, v2: VapicDevice) -> None:
+    with v2.create(table) as va:
+        blob = va.save()
+        V2_PARAM.write_text("N")
+        assert _err(va.load, blob, clear_pir=True) == errno.EPERM
+
+
+def test_upstream_style_load_would_lose_interrupts(
+    table: Table, v1: VapicDevice, v2: VapicDevice
+) -> None:
+    """With PIR cleared on load (upstream KVM's LAPIC restore), a vector posted during
+    the swap is lost, and the checker says so; kvmlu's load loses nothing."""
+    verdicts = {}
+    for clear in (False, True):
+        raises, fetches = [], []
+        with v1.create(table) as old:
+            table.post(6, 0x61)
+            raises.append(Raise(1, 6, 0x61))
+            old.sync(6)
+            blob = old.save()
+        table.post(6, 0x62)  # posted while the state travels
+        raises.append(Raise(2, 6, 0x62))
+        V2_PARAM.write_text("Y" if clear else "N")
+        try:
+            with v2.create(table) as new:
+                new.load(blob, clear_pir=clear)
+                irr = new.sync(6).irr
+                fetches.append(Fetch(3, 6, frozenset(irr)))
+        finally:
+            V2_PARAM.write_text("N")
+        verdicts[clear] = check(raises, fetches)
+    assert verdicts[False].ok, verdicts[False].text()
+    assert verdicts[True].lost == 1 and verdicts[True].keys[(6, 0x62)].lost == 1
+
+
+def _rmmod(name: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["rmmod", name], capture_output=True, text=True, check=False)
+
+
+def test_swap_v1_to_v2_and_unload_v1(dev: Device, v2: VapicDevice) -> None:
+    """Stage 1 on v1 leaves ISR, IRR and PIR non-empty; the swap saves, loads on v2 while
+    interrupts keep arriving; v1 unloads once its objects are gone; stage 2 finds all."""
+    src = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    with dev.create_table(2) as t, t.bind(src, 1, 0x4A):
+        with VapicDevice(1) as v1dev, v1dev.create(t) as old:
+            for vec in (0x33, 0x93):
+                t.post(1, vec)
+            old.sync(1)
+            assert old.ack(1) == 0x93
+            os.eventfd_write(src, 1)  # 0x4A: pending in PIR at the swap
+            s1 = old.get(1)
+            assert s1.irr == {0x33} and s1.isr == {0x93} and t.pir(1) == {0x4A}
+            blob = old.save()
+            r = _rmmod("kvmlu_vapic_v1")
+            assert r.returncode != 0 and "in use" in r.stderr, "v1 must stay while used"
+            os.eventfd_write(src, 1)  # during the swap: coalesces with 0x4A
+            t.post(1, 0xB0)
+        r = _rmmod("kvmlu_vapic_v1")
+        assert r.returncode == 0, r.stderr
+        try:
+            with v2.create(t) as new:
+                new.load(blob)
+                s2 = new.get(1)
+                assert (s2.irr, s2.isr) == (s1.irr, s1.isr)
+                assert new.sync(1).irr == {0x33, 0x4A, 0xB0}
+        finally:
+            subprocess.run(["insmod", str(CHECKOUT / "kmod/kvmlu_vapic_v1.ko")], check=True)
+            wait_until(lambda: Path("/dev/kvmlu_vapic_v1").exists(), 10, "/dev/kvmlu_vapic_v1")
+    os.close(src)
