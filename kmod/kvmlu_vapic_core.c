@@ -174,15 +174,19 @@ static int kvmlu_vapic_save(struct kvmlu_ucmd *ucmd)
 {
 	struct kvmlu_vapic_save *sv = ucmd->cmd;
 	struct kvmlu_vapic *va = ucmd->obj;
-	size_t rec = kvmlu_vapic_record_size(KVMLU_VAPIC_VERSION);
+	unsigned int format = sv->format ? sv->format : KVMLU_VAPIC_VERSION;
 	struct kvmlu_vapic_blob *hdr;
-	size_t size = sizeof(*hdr) + va->nr_vcpus * rec;
+	size_t rec, size;
 	u8 *blob, *p;
 	u32 i;
 	int ret;
 
-	if (sv->flags)
+	if (sv->flags || sv->reserved)
 		return -EINVAL;
+	if (format > KVMLU_VAPIC_VERSION)
+		return -EPROTONOSUPPORT;
+	rec = kvmlu_vapic_record_size(format);
+	size = sizeof(*hdr) + va->nr_vcpus * rec;
 	sv->blob_size = size;
 	if (sv->buf_len < size) {
 		ret = kvmlu_ucmd_respond(ucmd, sizeof(*sv));
@@ -197,16 +201,22 @@ static int kvmlu_vapic_save(struct kvmlu_ucmd *ucmd)
 	for (i = 0; i < va->nr_vcpus; i++, p += rec) {
 		struct kvmlu_vapic_regs *r = &va->regs[i];
 
+		/* Version 1 has no TMR: refuse rather than lose it. */
+		if (format < 2 && !bitmap_empty(r->tmr, KVMLU_NR_VECTORS)) {
+			mutex_unlock(&va->lock);
+			kvfree(blob);
+			return -EOPNOTSUPP;
+		}
 		memcpy(p, r->irr, sizeof(r->irr));
 		memcpy(p + 32, r->isr, sizeof(r->isr));
-		if (KVMLU_VAPIC_VERSION >= 2) {
+		if (format >= 2) {
 			memcpy(p + 64, r->tmr, sizeof(r->tmr));
 			memcpy(p + 96, r->acked, sizeof(r->acked));
 		}
 	}
 	mutex_unlock(&va->lock);
 	hdr->magic = KVMLU_VAPIC_MAGIC;
-	hdr->version = KVMLU_VAPIC_VERSION;
+	hdr->version = format;
 	hdr->header_size = sizeof(*hdr);
 	hdr->size = size;
 	hdr->nr_vcpus = va->nr_vcpus;
@@ -303,7 +313,7 @@ static const struct kvmlu_ioctl_op kvmlu_vapic_ops[] = {
 	KVMLU_IOCTL_OP(KVMLU_VAPIC_CMD_BASE, KVMLU_VAPIC_GET, kvmlu_vapic_get,
 		       struct kvmlu_vapic_vcpu, moved),
 	KVMLU_IOCTL_OP(KVMLU_VAPIC_CMD_BASE, KVMLU_VAPIC_SAVE, kvmlu_vapic_save,
-		       struct kvmlu_vapic_save, blob_size),
+		       struct kvmlu_vapic_save, reserved),
 	KVMLU_IOCTL_OP(KVMLU_VAPIC_CMD_BASE, KVMLU_VAPIC_LOAD, kvmlu_vapic_load,
 		       struct kvmlu_vapic_load, reserved),
 };

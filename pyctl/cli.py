@@ -11,10 +11,12 @@ import time
 from collections.abc import Sequence
 
 from pyctl import bench_irq, check, demo, vm
+from pyctl import swap as swap_mod
 from pyctl.edu import Edu, find_vfio_edu
 from pyctl.errors import KvmluError
 from pyctl.kvmlu import DEVICE_PATH, Device
 from pyctl.status import print_status, status_dict
+from pyctl.vapic import VapicDevice
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -102,6 +104,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_swap(args: argparse.Namespace) -> int:
+    """Build a VM's worth of tables with vAPIC state on --from, swap it to --to."""
+    with (
+        Device() as dev,
+        VapicDevice(args.from_version) as src,
+        VapicDevice(args.to_version) as dst,
+    ):
+        tables = [dev.create_table(args.vcpus) for _ in range(args.tables)]
+        pairs = [(t, src.create(t)) for t in tables]
+        for t, v in pairs:
+            for vcpu in range(t.nr_vcpus):
+                for vec in (0x30 + vcpu % 16, 0x80 + vcpu % 64, 0xE0):
+                    t.post(vcpu, vec)
+                v.sync(vcpu)
+                v.ack(vcpu)
+                t.post(vcpu, 0x50)  # left pending in PIR across the swap
+        fmt = args.to_version if args.to_version < args.from_version else 0
+        new, rep = swap_mod.swap(pairs, dst, format=fmt, unload_old=args.unload)
+        pending = all(0x50 in t.pir(i) for t in tables for i in range(t.nr_vcpus))
+        print(f"v{args.from_version} -> v{args.to_version}: {rep.text()}")
+        print(f"PIR left pending through the swap: {'yes' if pending else 'NO'}")
+        for n in new:
+            n.close()
+        for t in tables:
+            t.close()
+    return 0 if rep.ok and pending else 1
+
+
+def _vapic_version(text: str) -> int:
+    if text not in ("1", "2", "v1", "v2"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the vAPIC versions are v1 and v2")
+    return int(text.removeprefix("v"))
+
+
 def _vector(text: str) -> int:
     return int(text, 0)
 
@@ -131,6 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("log", help="a JSON log, as the handoff tests write")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser(
+        "swap",
+        help="swap vAPIC state between module versions and time it (in the VM)",
+        description="Create tables with vAPIC state on one module version, leave a "
+        "vector pending in PIR, move every table's vAPIC to the other version, check "
+        "that IRR, ISR and PIR arrived intact, and print how long each step took.",
+    )
+    p.add_argument("--from", dest="from_version", type=_vapic_version, default=1, metavar="v1|v2")
+    p.add_argument("--to", dest="to_version", type=_vapic_version, default=2, metavar="v1|v2")
+    p.add_argument("--tables", type=int, default=1, help="tables (default: 1)")
+    p.add_argument("--vcpus", type=int, default=8, help="vCPUs per table (default: 8)")
+    p.add_argument("--unload", action="store_true", help="rmmod the old module afterwards")
+    p.set_defaults(func=cmd_swap)
 
     p = sub.add_parser("demo", help="post vectors into an 8-vCPU table and show it")
     p.set_defaults(func=cmd_demo)

@@ -81,16 +81,21 @@ class Vapic(_FdObject):
     def get(self, vcpu: int) -> VapicState:
         return self._vcpu(lib.KVMLU_VAPIC_GET, vcpu)
 
-    def save(self) -> bytes:
-        """The whole state as a blob in this module's format."""
-        arg = new_arg("kvmlu_vapic_save")
+    def save(self, format: int = 0) -> bytes:
+        """The whole state as a blob in this module's format, or an older ``format``."""
+        arg = new_arg("kvmlu_vapic_save", format=format)
         try:
             ioctl(self.fd, lib.KVMLU_VAPIC_SAVE, arg)
         except OSError as e:
             if e.errno != errno.ENOSPC:  # now we know the size
                 raise
         buf = ffi.new("char[]", int(arg.blob_size))
-        arg = new_arg("kvmlu_vapic_save", buf=int(ffi.cast("uintptr_t", buf)), buf_len=len(buf))
+        arg = new_arg(
+            "kvmlu_vapic_save",
+            buf=int(ffi.cast("uintptr_t", buf)),
+            buf_len=len(buf),
+            format=format,
+        )
         ioctl(self.fd, lib.KVMLU_VAPIC_SAVE, arg)
         return bytes(ffi.buffer(buf, int(arg.blob_size)))
 

@@ -310,6 +310,8 @@ struct kvmlu_vapic_save {
 	__u64 buf;
 	__u32 buf_len;
 	__u32 blob_size;
+	__u32 format;
+	__u32 reserved;
 	...;
 };
 

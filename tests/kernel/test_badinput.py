@@ -141,6 +141,7 @@ CMDS = [
         "kvmlu_vapic_save",
         "vapic",
         {"buf": SAVE_BUF, "buf_len": SAVE_LEN},
+        ("reserved",),
     ),
     Cmd(
         "VAPIC_LOAD",
@@ -168,7 +169,7 @@ MIN_SIZES = {
     "kvmlu_vapic_query": 24,
     "kvmlu_create_vapic": 16,
     "kvmlu_vapic_vcpu": 144,
-    "kvmlu_vapic_save": 24,
+    "kvmlu_vapic_save": 32,
     "kvmlu_vapic_load": 24,
     "kvmlu_create_table": 16,
     "kvmlu_table_set_notify": 24,
@@ -596,3 +597,8 @@ def test_create_vapic_on_non_table(env: Env, kind: str) -> None:
 def test_create_vapic_fd_not_open(env: Env, fd: int) -> None:
     cmd = BY_NAME["CREATE_VAPIC"]
     env.refused(env.vapicdev.fd, cmd.request, env.arg(cmd, table_fd=fd), errno.EBADF)
+
+
+def test_vapic_save_future_format(env: Env) -> None:
+    cmd = BY_NAME["VAPIC_SAVE"]
+    env.refused(env.vapic.fd, cmd.request, env.arg(cmd, format=3), errno.EPROTONOSUPPORT)

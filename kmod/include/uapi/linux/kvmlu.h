@@ -449,8 +449,9 @@ struct kvmlu_binding_info {
  * highest in-service vector. SAVE writes the state as a blob (a
  * &struct kvmlu_vapic_blob header, then one record per vCPU); LOAD reads
  * one. Version 2 loads version 1 blobs (the new fields start at zero);
- * version 1 refuses version 2 blobs with EPROTONOSUPPORT. Loading never
- * touches PIR: what was posted while the state travelled stays pending.
+ * version 1 refuses version 2 blobs with EPROTONOSUPPORT, and version 2 can
+ * save in version 1's format for the way back. Loading never touches PIR:
+ * what was posted while the state travelled stays pending.
  *
  * LOAD's errors: EINVAL for a blob shorter than its header or its stated
  * size, or with sizes that do not add up; EBADMSG for a wrong magic or
@@ -574,6 +575,13 @@ struct kvmlu_vapic_blob {
  * @buf: Input. User address of the buffer.
  * @buf_len: Input. Its length; ENOSPC if the blob does not fit.
  * @blob_size: Output. The blob's size, also when it did not fit.
+ * @format: Input. The format version to write: 0 for the module's own, or
+ *	an older one it can write down to (&kvmlu_vapic_query.min_load_version),
+ *	so that state can go back to an older module. Writing version 1 from
+ *	version 2 drops the acknowledged counts and is refused with EOPNOTSUPP
+ *	while any TMR bit is set, which version 1 cannot hold. A newer version
+ *	than the module's is EPROTONOSUPPORT.
+ * @reserved: Must be zero.
  */
 struct kvmlu_vapic_save {
 	__u32 size;
@@ -581,6 +589,8 @@ struct kvmlu_vapic_save {
 	__aligned_u64 buf;
 	__u32 buf_len;
 	__u32 blob_size;
+	__u32 format;
+	__u32 reserved;
 };
 
 #define KVMLU_VAPIC_SAVE _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_VAPIC_SAVE)
