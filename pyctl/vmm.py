@@ -11,7 +11,10 @@ bind), ``deliver`` (fetch every vCPU, report what was taken and when),
 ``export_begin`` then ``export_scm`` or ``export_session`` (the old side of
 a handoff, in the strategy's way, to a peer socket or a session),
 ``import_scm`` or ``import_session`` (the new side), ``release`` (drop
-everything after handing over), ``stats`` (binding counters), ``exit``.
+everything after handing over), ``stats`` (binding counters),
+``vapic_regs`` (IRR and ISR), ``exit``. With ``--vapic N`` the VMM keeps its
+interrupt state in a vAPIC of module version N: its fetch is a SYNC, and
+its state travels to the new VMM in a memfd.
 Every reply carries the process's fd count.
 
 The four strategies of the design:
@@ -48,6 +51,7 @@ from typing import Any
 from pyctl import handoff
 from pyctl.kvmlu import Binding, Device, Table
 from pyctl.uapi import lib
+from pyctl.vapic import Vapic, VapicDevice
 from pyctl.vfio import VfioPciDevice
 
 STRATEGIES = ("naive", "inject", "cpr", "shared")
@@ -71,10 +75,14 @@ def recv_msg(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
 class TestVmm:
     """The state of one VMM and the strategy it hands over with."""
 
-    def __init__(self, strategy: str) -> None:
+    def __init__(self, strategy: str, vapic: int | None = None) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}")
         self.strategy = strategy
+        #: The vAPIC module version this VMM keeps its interrupt state in, if any.
+        self.vapic_version = vapic
+        self.vapic: Vapic | None = None
+        self.vapic_state: int | None = None  # memfd with the saved vAPIC blob
         self.dev = Device()
         self.table: Table | None = None
         self.bindings: list[Binding] = []
@@ -98,6 +106,13 @@ class TestVmm:
             )
             self.msi.append(efd)
             self.bindings.append(self.table.bind(efd, vcpu, vector))
+        self._create_vapic()
+
+    def _create_vapic(self) -> None:
+        if self.vapic_version is not None:
+            assert self.table is not None
+            with VapicDevice(self.vapic_version) as d:
+                self.vapic = d.create(self.table)
 
     def _attach_notify(self, attach: bool) -> None:
         assert self.table is not None
@@ -109,21 +124,41 @@ class TestVmm:
     # The guest side: take what is pending.
 
     def deliver(self) -> list[list[Any]]:
-        """Fetch every vCPU: ``[start time, vCPU, [vectors]]`` per fetch, empty ones too."""
+        """Fetch every vCPU: ``[start time, vCPU, [vectors]]`` per fetch, empty ones too.
+
+        With a vAPIC the fetch is its SYNC (PIR into IRR), then one ACK.
+        """
         assert self.table is not None
         out: list[list[Any]] = []
         for v in range(self.table.nr_vcpus):
             t = time.monotonic()
-            out.append([t, v, sorted(self.table.fetch(v))])
+            if self.vapic is not None:
+                out.append([t, v, sorted(self.vapic.sync(v).moved)])
+                self.vapic.ack(v)
+            else:
+                out.append([t, v, sorted(self.table.fetch(v))])
         return out
+
+    def vapic_regs(self) -> list[dict[str, list[int]]]:
+        """Each vCPU's IRR and ISR."""
+        assert self.table is not None and self.vapic is not None
+        regs = [self.vapic.get(v) for v in range(self.table.nr_vcpus)]
+        return [{"irr": sorted(r.irr), "isr": sorted(r.isr)} for r in regs]
 
     # The old side of a handoff.
 
-    def export_begin(self) -> None:
-        """Pause: from here the old VMM takes nothing more. cpr saves PIR now."""
+    def export_begin(self, vapic_format: int = 0) -> None:
+        """Pause: from here the old VMM takes nothing more. cpr saves PIR now; a vAPIC
+        saves its state into a memfd (in ``vapic_format``) and is closed."""
         assert self.table is not None
         if self.strategy == "cpr":
             self.saved = {str(v): sorted(self.table.fetch(v)) for v in range(self.table.nr_vcpus)}
+        if self.vapic is not None:
+            blob = self.vapic.save(vapic_format)
+            self.vapic_state = os.memfd_create("kvmlu-vapic-state", os.MFD_CLOEXEC)
+            os.write(self.vapic_state, blob)
+            self.vapic.close()
+            self.vapic = None
 
     def export_objects(self) -> tuple[dict[str, Any], list[int]]:
         """Unbind where the strategy does, and list what travels to the new VMM."""
@@ -147,6 +182,9 @@ class TestVmm:
         for i, fd in enumerate(self.devices):
             objs.append((f"device{i}", "vfio-device"))
             fds.append(fd)
+        if self.vapic_state is not None:
+            objs.append(("vapic-state", "memfd"))
+            fds.append(self.vapic_state)
         manifest = handoff.make_manifest(
             objs,
             strategy=self.strategy,
@@ -158,6 +196,12 @@ class TestVmm:
 
     def release(self) -> None:
         """Close everything this VMM holds (after it handed over); it can import again."""
+        if self.vapic is not None:
+            self.vapic.close()
+            self.vapic = None
+        if self.vapic_state is not None:
+            os.close(self.vapic_state)
+            self.vapic_state = None
         for b in self.bindings:
             b.close()
         for fd in self.msi + self.devices + self.notify:
@@ -183,6 +227,7 @@ class TestVmm:
             self.bindings = [Binding(h.fd(f"binding{i}")) for i in range(n)]
             self.msi = [h.fd(f"msi{i}") for i in range(n)]
             self._attach_notify(attach=True)
+            self._import_vapic(h)
             return
         self.table = self.dev.create_table(int(m["nr_vcpus"]))
         self._attach_notify(attach=False)
@@ -204,6 +249,15 @@ class TestVmm:
                 self.table.post(vcpu, vector)
         for efd, (vcpu, vector) in zip(self.msi, self.targets, strict=True):
             self.bindings.append(self.table.bind(efd, vcpu, vector))
+        self._import_vapic(h)
+
+    def _import_vapic(self, h: handoff.Handoff) -> None:
+        """Create this VMM's vAPIC and load the old one's state, if both have one."""
+        self._create_vapic()
+        names = [o["name"] for o in h.manifest["objects"]]
+        if self.vapic is not None and "vapic-state" in names:
+            fd = h.fd("vapic-state")
+            self.vapic.load(os.pread(fd, os.fstat(fd).st_size, 0))
 
 
 def _handle(vmm: TestVmm, cmd: str, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
@@ -213,7 +267,9 @@ def _handle(vmm: TestVmm, cmd: str, msg: dict[str, Any], fds: list[int]) -> dict
     elif cmd == "deliver":
         return {"deliveries": vmm.deliver()}
     elif cmd == "export_begin":
-        vmm.export_begin()
+        vmm.export_begin(int(msg.get("vapic_format", 0)))
+    elif cmd == "vapic_regs":
+        return {"regs": vmm.vapic_regs()}
     elif cmd == "release":
         vmm.release()
     elif cmd == "stats":
@@ -268,9 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pyctl.vmm", description=__doc__.split("\n")[0])
     p.add_argument("--control-fd", type=int, required=True)
     p.add_argument("--strategy", choices=STRATEGIES, required=True)
+    p.add_argument("--vapic", type=int, choices=(1, 2), help="keep vAPIC state on this version")
     args = p.parse_args(argv)
     with socket.socket(fileno=args.control_fd) as ctl:
-        serve(ctl, TestVmm(args.strategy))
+        serve(ctl, TestVmm(args.strategy, args.vapic))
     return 0
 
 

@@ -261,6 +261,7 @@ def test_swap_v1_to_v2_and_unload_v1(dev: Device, v2: VapicDevice) -> None:
             blob = old.save()
             r = _rmmod("kvmlu_vapic_v1")
             assert r.returncode != 0 and "in use" in r.stderr, "v1 must stay while used"
+            assert old.get(1) == s1, "a refused rmmod leaves the vAPIC working"
             os.eventfd_write(src, 1)  # during the swap: coalesces with 0x4A
             t.post(1, 0xB0)
         r = _rmmod("kvmlu_vapic_v1")
