@@ -26,13 +26,14 @@ KDIR ?= /lib/modules/$(KVER)/build
 VM_ARGS ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+FUZZ_EXAMPLES ?= 10000
 
-.PHONY: all deps venv modules test test-host test-kernel lint demo bench clean help
+.PHONY: all deps venv modules test test-host test-kernel lint demo bench fuzz clean help
 
 all: modules
 
 help:
-	@echo "make demo | test | test-host | test-kernel | bench | modules | lint | clean"
+	@echo "make demo | test | test-host | test-kernel | bench | fuzz | modules | lint | clean"
 
 # Debian packages, installed only when one is missing.
 deps: $(STAMPS)/apt
@@ -91,6 +92,14 @@ test-kernel: venv
 demo: deps venv
 	@$(MAKE) --no-print-directory _modules
 	$(KVMLU) vm --kernel $(KVER) $(VM_ARGS) -- $(CURDIR)/$(KVMLU) demo
+
+# The fuzzers alone, at length: FUZZ_EXAMPLES programs of the stateful fuzzer
+# (and five times as many malformed calls) in one VM boot.
+fuzz: deps venv
+	@$(MAKE) --no-print-directory _modules
+	$(KVMLU) vm --kernel $(KVER) $(VM_ARGS) --env KVMLU_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) -- \
+		$(CURDIR)/$(PY) -m pytest -p no:cacheprovider -q --durations=5 \
+		tests/kernel/test_fuzz_stateful.py tests/kernel/test_fuzz_malformed.py $(PYTEST_ARGS)
 
 # Benchmarks: numbers, not pass/fail. Results land in results/bench/.
 bench: deps venv
