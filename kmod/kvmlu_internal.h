@@ -88,6 +88,8 @@ long kvmlu_ioctl_dispatch(const struct kvmlu_ioctl_op *ops, size_t nr_ops,
 			  unsigned int base, unsigned int cmd,
 			  unsigned long arg, void *obj);
 int kvmlu_ucmd_respond(struct kvmlu_ucmd *ucmd, size_t size);
+int kvmlu_ucmd_reply_fd(struct kvmlu_ucmd *ucmd, size_t size, int fd,
+			struct file *file);
 
 /**
  * struct kvmlu_vcpu - the kernel's side of one descriptor

@@ -86,6 +86,35 @@ int kvmlu_ucmd_respond(struct kvmlu_ucmd *ucmd, size_t size)
 }
 EXPORT_SYMBOL_GPL(kvmlu_ucmd_respond);
 
+/**
+ * kvmlu_ucmd_reply_fd() - give the user a new file descriptor in the reply
+ * @ucmd: The command; its structure already holds @fd in its fd field.
+ * @size: sizeof() the command's structure.
+ * @fd: A descriptor from get_unused_fd_flags().
+ * @file: The new object's file.
+ *
+ * Copies the reply and only then installs @file at @fd, so that userspace
+ * never has a descriptor it was not told about. If the reply cannot be
+ * written, @file is released (its release undoes what it owns) and @fd
+ * returned unused.
+ *
+ * Return: 0 or -EFAULT.
+ */
+int kvmlu_ucmd_reply_fd(struct kvmlu_ucmd *ucmd, size_t size, int fd,
+			struct file *file)
+{
+	int ret = kvmlu_ucmd_respond(ucmd, size);
+
+	if (ret) {
+		fput(file);
+		put_unused_fd(fd);
+		return ret;
+	}
+	fd_install(fd, file);
+	return 0;
+}
+EXPORT_SYMBOL_GPL(kvmlu_ucmd_reply_fd);
+
 static int kvmlu_query(struct kvmlu_ucmd *ucmd)
 {
 	struct kvmlu_query *q = ucmd->cmd;
@@ -117,21 +146,12 @@ static int kvmlu_create_table(struct kvmlu_ucmd *ucmd)
 	if (fd < 0)
 		return fd;
 	ret = kvmlu_table_create(ct->nr_vcpus, &file);
-	if (ret)
-		goto err_put_fd;
-
+	if (ret) {
+		put_unused_fd(fd);
+		return ret;
+	}
 	ct->fd = fd;
-	ret = kvmlu_ucmd_respond(ucmd, sizeof(*ct));
-	if (ret)
-		goto err_put_file;
-	fd_install(fd, file);
-	return 0;
-
-err_put_file:
-	fput(file);
-err_put_fd:
-	put_unused_fd(fd);
-	return ret;
+	return kvmlu_ucmd_reply_fd(ucmd, sizeof(*ct), fd, file);
 }
 
 static const struct kvmlu_ioctl_op kvmlu_dev_ops[] = {

@@ -144,7 +144,7 @@ static int kvmlu_session_reply(struct kvmlu_ucmd *ucmd,
 			       struct kvmlu_session *s)
 {
 	struct file *file;
-	int fd, ret;
+	int fd;
 
 	lockdep_assert_held(&kvmlu_sessions_lock);
 	fd = get_unused_fd_flags(O_CLOEXEC);
@@ -156,15 +156,8 @@ static int kvmlu_session_reply(struct kvmlu_ucmd *ucmd,
 		return PTR_ERR(file);
 	}
 	sc->fd = fd;
-	ret = kvmlu_ucmd_respond(ucmd, sizeof(*sc));
-	if (ret) {
-		/* Its release drops the file's reference and hold on @s. */
-		fput(file);
-		put_unused_fd(fd);
-		return ret;
-	}
-	fd_install(fd, file);
-	return 0;
+	/* On failure the file's release drops its reference and hold on @s. */
+	return kvmlu_ucmd_reply_fd(ucmd, sizeof(*sc), fd, file);
 }
 
 int kvmlu_create_session(struct kvmlu_ucmd *ucmd)
@@ -385,14 +378,7 @@ static int kvmlu_session_retrieve(struct kvmlu_ucmd *ucmd)
 		return ret;
 	}
 	st->fd = fd;
-	ret = kvmlu_ucmd_respond(ucmd, sizeof(*st));
-	if (ret) {
-		fput(file);
-		put_unused_fd(fd);
-		return ret;
-	}
-	fd_install(fd, file);
-	return 0;
+	return kvmlu_ucmd_reply_fd(ucmd, sizeof(*st), fd, file);
 }
 
 static int kvmlu_session_unpreserve(struct kvmlu_ucmd *ucmd)

@@ -392,15 +392,8 @@ static int kvmlu_create_vapic(struct kvmlu_ucmd *ucmd)
 		goto err_put_fd;
 	}
 	cv->fd = fd;
-	ret = kvmlu_ucmd_respond(ucmd, sizeof(*cv));
-	if (ret) {
-		/* The file's release frees @va and drops the table. */
-		fput(file);
-		put_unused_fd(fd);
-		return ret;
-	}
-	fd_install(fd, file);
-	return 0;
+	/* On failure the file's release frees @va and drops the table. */
+	return kvmlu_ucmd_reply_fd(ucmd, sizeof(*cv), fd, file);
 
 err_put_fd:
 	put_unused_fd(fd);
