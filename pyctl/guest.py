@@ -223,7 +223,9 @@ def bind_edu(bdfs: Sequence[str], timeout: float) -> tuple[list[dict[str, Any]],
     errors: list[str] = []
     if not bdfs:
         return [], errors
-    err = _run_tool(["modprobe", "vfio-pci"])
+    # Built into a debug kernel, vfio-pci is there without modprobe (which
+    # would find no module tree for such a kernel).
+    err = None if VFIO_PCI_DRIVER.is_dir() else _run_tool(["modprobe", "vfio-pci"])
     if err is not None:
         return [], [err]
     try:
