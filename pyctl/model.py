@@ -1,15 +1,17 @@
-"""A plain-Python model of kvmlu.ko's tables and bindings, for fuzzing.
+"""A plain-Python model of kvmlu's tables, bindings, sessions and vAPICs, for fuzzing.
 
 It says what each call must do to a table -- PIR, ON, SN, NV, NDST, the
-notification signals and the counters -- and which errno each bad call gets,
-in the order the kernel checks. The stateful fuzzer runs the real module and
-this model side by side and compares them after every step.
+notification signals and the counters --, to a session's preserved objects
+and to a vAPIC's IRR and ISR, and which errno each bad call gets, in the
+order the kernel checks. The stateful fuzzer runs the real modules and this
+model side by side and compares them after every step.
 """
 
 from __future__ import annotations
 
 import errno
 from dataclasses import dataclass, field
+from typing import Any
 
 VECTOR_MIN, VECTOR_MAX = 32, 255
 MAX_VCPUS = 1024
@@ -153,3 +155,119 @@ class TableModel:
 
     def unbind(self, source: int) -> None:
         del self.bindings[source]
+
+
+class VapicModel:
+    """A vAPIC over a :class:`TableModel`: IRR and ISR per vCPU (TMR stays empty)."""
+
+    def __init__(self, table: TableModel, version: int) -> None:
+        self.table = table
+        self.version = version
+        self.irr: list[set[int]] = [set() for _ in range(table.nr_vcpus)]
+        self.isr: list[set[int]] = [set() for _ in range(table.nr_vcpus)]
+
+    def sync(self, vcpu: int) -> tuple[int, set[int]]:
+        """PIR into IRR; returns the vectors moved."""
+        err, moved = self.table.fetch(vcpu)
+        if not err:
+            self.irr[vcpu] |= moved
+        return err, moved
+
+    def ack(self, vcpu: int) -> tuple[int, int]:
+        """The highest IRR vector whose priority class is above the in-service one."""
+        err = self.table.check_vcpu(vcpu)
+        if err:
+            return err, 0
+        irr = max(self.irr[vcpu], default=0)
+        isr = max(self.isr[vcpu], default=0)
+        if irr and (not isr or irr >> 4 > isr >> 4):
+            self.irr[vcpu].discard(irr)
+            self.isr[vcpu].add(irr)
+            return 0, irr
+        return 0, 0
+
+    def eoi(self, vcpu: int) -> tuple[int, int]:
+        err = self.table.check_vcpu(vcpu)
+        if err:
+            return err, 0
+        isr = max(self.isr[vcpu], default=0)
+        self.isr[vcpu].discard(isr)
+        return 0, isr
+
+    def save(self, format: int) -> tuple[int, Any]:
+        """What a blob carries: (nr_vcpus, IRR, ISR)."""
+        if format > self.version:
+            return errno.EPROTONOSUPPORT, None
+        return 0, (self.table.nr_vcpus, [set(r) for r in self.irr], [set(r) for r in self.isr])
+
+    def load(self, blob: Any) -> int:
+        """Replace IRR and ISR; PIR is left as it is."""
+        nr, irr, isr = blob
+        if nr != self.table.nr_vcpus:
+            return errno.ERANGE
+        self.irr, self.isr = [set(r) for r in irr], [set(r) for r in isr]
+        return 0
+
+
+@dataclass
+class SessionModel:
+    """One named session: its tokens, whether an fd of it is open, whether finished."""
+
+    tokens: set[int] = field(default_factory=set)
+    held: bool = True
+    finished: bool = False
+
+    def preserve(self, token: int) -> int:
+        if self.finished:
+            return errno.ESTALE
+        if token in self.tokens:
+            return errno.EEXIST
+        self.tokens.add(token)
+        return 0
+
+    def retrieve(self, token: int) -> int:
+        if self.finished:
+            return errno.ESTALE
+        return 0 if token in self.tokens else errno.ENOENT
+
+    def unpreserve(self, token: int) -> int:
+        err = self.retrieve(token)
+        if not err:
+            self.tokens.discard(token)
+        return err
+
+    def finish(self) -> None:
+        self.tokens.clear()
+        self.finished = True
+
+
+class SessionsModel:
+    """The device's sessions by name."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, SessionModel] = {}
+
+    def create(self, name: str) -> int:
+        if name in self.sessions:
+            return errno.EEXIST
+        self.sessions[name] = SessionModel()
+        return 0
+
+    def retrieve(self, name: str) -> int:
+        s = self.sessions.get(name)
+        if s is None:
+            return errno.ENOENT
+        if s.held:
+            return errno.EBUSY
+        s.held = True
+        return 0
+
+    def finish(self, name: str) -> SessionModel:
+        """End the session; its name is free at once, its open fd answers ESTALE."""
+        s = self.sessions.pop(name)
+        s.finish()
+        return s
+
+    def close(self, session: SessionModel) -> None:
+        """The session's fd was closed; it stays in the kernel unless finished."""
+        session.held = False

@@ -1,10 +1,15 @@
 """Stateful fuzzing: the real module and pyctl.model run the same steps.
 
 After every step an invariant compares each table's mmap'd descriptors, the
-signals each notification eventfd received, and the table and binding
-counters with the model. Steps include bad calls (vCPU and vector values at
-and past every bound), whose errno must be the model's and which must change
-nothing. Failures print a replayable program (Hypothesis's stateful output).
+signals each notification eventfd received, the table and binding counters
+and every vAPIC's IRR and ISR with the model. Sessions preserve tables and
+eventfds under tokens; a forked second process retrieves the session and a
+table by token and posts through it, and the parent's mapping must show it.
+vAPICs are swapped between module versions by save and load. Steps include
+bad calls (vCPU and vector values at and past every bound, fds of the wrong
+kind, tokens and names that are taken or missing), whose errno must be the
+model's and which must change nothing. Failures print a replayable program
+(Hypothesis's stateful output).
 
 ``KVMLU_FUZZ_EXAMPLES`` sets how many programs run (``make fuzz`` runs
 10,000; the kernel suite a few dozen).
@@ -12,7 +17,10 @@ nothing. Failures print a replayable program (Hypothesis's stateful output).
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import socket
 import time
 
 from hypothesis import HealthCheck, settings
@@ -22,18 +30,22 @@ from hypothesis.stateful import (
     RuleBasedStateMachine,
     consumes,
     invariant,
+    multiple,
     precondition,
     rule,
 )
 
 from pyctl.errors import KvmluError
-from pyctl.kvmlu import Binding, Device, Table
-from pyctl.model import TableModel
+from pyctl.kvmlu import Binding, Device, Session, Table
+from pyctl.model import SessionModel, SessionsModel, TableModel, VapicModel
 from pyctl.uapi import ioctl, lib, new_arg
+from pyctl.vapic import Vapic, VapicDevice
 
 EXAMPLES = int(os.environ.get("KVMLU_FUZZ_EXAMPLES", "40"))
 vcpus = st.integers(min_value=0, max_value=9) | st.sampled_from([1023, 1024, 2**32 - 1])
 vectors = st.integers(min_value=28, max_value=40) | st.integers(min_value=250, max_value=260)
+tokens = st.integers(min_value=1, max_value=4)
+MISSING_TOKEN = 2**64 - 1
 
 
 def _drain(fd: int) -> int:
@@ -48,6 +60,8 @@ class KvmluMachine(RuleBasedStateMachine):
 
     tables = Bundle("tables")
     sources = Bundle("sources")
+    sessions = Bundle("sessions")
+    vapics = Bundle("vapics")
 
     def __init__(self) -> None:
         super().__init__()
@@ -61,6 +75,11 @@ class KvmluMachine(RuleBasedStateMachine):
         self.bind_seq: dict[tuple[int, int], int] = {}
         self.gone = [0, 0]  # signals owed by tables closed since
         self.next = 0
+        self.sessions_model = SessionsModel()
+        # open session fds: handle -> (name, session, its model)
+        self.open_sessions: dict[int, tuple[str, Session, SessionModel]] = {}
+        self.preserved: dict[str, dict[int, int]] = {}  # name -> token -> table preserved
+        self.vapics_open: dict[int, tuple[Vapic, VapicModel, int]] = {}  # with table name
 
     def _name(self) -> int:
         self.next += 1
@@ -169,6 +188,176 @@ class KvmluMachine(RuleBasedStateMachine):
         else:
             _drain(self.srcs[s])
 
+    # Sessions. Names come from a small pool so that EEXIST and re-use after
+    # FINISH happen.
+
+    def _session_name(self, i: int) -> str:
+        return f"fz{os.getpid()}-{i}"
+
+    @rule(target=sessions, i=st.integers(0, 2))
+    def create_session(self, i: int) -> object:
+        name = self._session_name(i)
+        err = self.sessions_model.create(name)
+        s = self._expect(err, self.dev.create_session, name)
+        if s is None:
+            return multiple()
+        handle = self._name()
+        self.open_sessions[handle] = (name, s, self.sessions_model.sessions[name])  # type: ignore[assignment]
+        self.preserved[name] = {}
+        return handle
+
+    @rule(s=sessions, what=st.sampled_from(["table", "source", "socket", "closed"]), token=tokens)
+    def preserve(self, s: int, what: str, token: int) -> None:
+        name, real, m = self.open_sessions[s]
+        table = next(iter(sorted(self.real)), None)
+        src = next(iter(sorted(self.srcs)), None)
+        if what == "table" and table is not None:
+            fd, err = self.real[table].fd, 0
+        elif what == "source" and src is not None:
+            fd, err = self.srcs[src], 0
+        elif what == "socket":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._expect(errno.EOPNOTSUPP, real.preserve, sock.fileno(), token)
+            sock.close()
+            return
+        else:
+            closed = os.eventfd(0, os.EFD_CLOEXEC)
+            os.close(closed)
+            self._expect(errno.EBADF, real.preserve, closed, token)
+            return
+        err = m.preserve(token)
+        self._expect(err, real.preserve, fd, token)
+        if not err and what == "table":
+            self.preserved[name][token] = table  # type: ignore[assignment]
+
+    @rule(s=sessions, token=tokens)
+    def retrieve(self, s: int, token: int) -> None:
+        _, real, m = self.open_sessions[s]
+        fd = self._expect(m.retrieve(token), real.retrieve, token)
+        if fd is not None:
+            os.close(fd)  # type: ignore[arg-type]
+
+    @rule(s=sessions, token=tokens)
+    def unpreserve(self, s: int, token: int) -> None:
+        name, real, m = self.open_sessions[s]
+        self._expect(m.unpreserve(token), real.unpreserve, token)
+        self.preserved.get(name, {}).pop(token, None)
+
+    @rule(s=sessions)
+    def finish_session(self, s: int) -> None:
+        name, real, m = self.open_sessions[s]
+        real.finish()
+        if not m.finished:
+            self.sessions_model.finish(name)
+            self.preserved.pop(name, None)
+
+    @rule(s=consumes(sessions))
+    def close_session(self, s: int) -> None:
+        _, real, m = self.open_sessions.pop(s)
+        real.close()
+        self.sessions_model.close(m)
+
+    @precondition(lambda self: any(not m.held for m in self.sessions_model.sessions.values()))
+    @rule(data=st.data(), vcpu=vcpus, vector=vectors)
+    def successor(self, data: st.DataObject, vcpu: int, vector: int) -> None:
+        """A forked process retrieves a closed session and posts through a table in it."""
+        free = sorted(n for n, m in self.sessions_model.sessions.items() if not m.held)
+        name = data.draw(st.sampled_from(free))
+        live = sorted(tok for tok, t in self.preserved[name].items() if t in self.real)
+        token = data.draw(st.sampled_from(live)) if live else MISSING_TOKEN
+        rd, wr = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                os.close(rd)
+                os.write(wr, json.dumps(_successor(name, token, vcpu, vector)).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(wr)
+        with os.fdopen(rd, "rb") as f:
+            got = json.loads(f.read() or b"null")
+        _, status = os.waitpid(pid, 0)
+        assert status == 0 and got is not None, f"successor failed: {status}"
+        assert got["retrieve"] == 0 and got["again"] == errno.EBUSY, got
+        assert got["missing"] == errno.ENOENT, got
+        if token == MISSING_TOKEN:
+            assert got["table"] == errno.ENOENT, got
+            return
+        assert got["table"] == 0, got
+        err, result = self.model[self.preserved[name][token]].post(vcpu, vector)
+        assert (got["post"], got["result"]) == (err, result), (got, err, result)
+
+    # vAPICs over the tables, and swaps between module versions.
+
+    @rule(target=vapics, t=tables, version=st.sampled_from([1, 2]))
+    def create_vapic(self, t: int, version: int) -> int:
+        with VapicDevice(version) as d:
+            va = d.create(self.real[t])
+        handle = self._name()
+        self.vapics_open[handle] = (va, VapicModel(self.model[t], version), t)
+        return handle
+
+    @rule(vp=vapics, vcpu=vcpus, op=st.sampled_from(["sync", "ack", "eoi"]))
+    def vapic_op(self, vp: int, vcpu: int, op: str) -> None:
+        va, m, _ = self.vapics_open[vp]
+        err, want = getattr(m, op)(vcpu)
+        out = self._expect(err, getattr(va, op), vcpu)
+        if out is None:
+            return
+        got = out.moved if op == "sync" else out  # type: ignore[attr-defined]
+        assert got == want, f"{op} gave {got}, model {want}"
+
+    @rule(src=vapics, dst=vapics, fmt=st.sampled_from([0, 1, 2, 3]))
+    def vapic_move(self, src: int, dst: int, fmt: int) -> None:
+        """Save one vAPIC (in ``fmt``; 0 is the module's own) and load it into another."""
+        sva, sm, _ = self.vapics_open[src]
+        dva, dm, _ = self.vapics_open[dst]
+        err, blob = sm.save(fmt or sm.version)
+        if err == 0 and (fmt or sm.version) > dm.version:
+            err = errno.EPROTONOSUPPORT  # saved fine, but too new for the loader
+            raw = sva.save(fmt)
+            self._expect(err, dva.load, raw)
+            return
+        out = self._expect(err, sva.save, fmt)
+        if out is not None:
+            assert isinstance(out, bytes)
+            self._expect(dm.load(blob), dva.load, out)
+
+    @rule(vp=consumes(vapics), target=vapics, version=st.sampled_from([1, 2]))
+    def swap_vapic(self, vp: int, version: int) -> object:
+        """The version swap: a new vAPIC on the same table loads the old one's state."""
+        va, m, t = self.vapics_open.pop(vp)
+        if t not in self.real:
+            va.close()
+            return multiple()
+        raw = va.save(min(version, m.version))
+        _, blob = m.save(min(version, m.version))
+        va.close()
+        with VapicDevice(version) as d:
+            new = d.create(self.real[t])
+        nm = VapicModel(m.table, version)
+        assert nm.load(blob) == 0
+        new.load(raw)
+        handle = self._name()
+        self.vapics_open[handle] = (new, nm, t)
+        return handle
+
+    @rule(vp=consumes(vapics))
+    def close_vapic(self, vp: int) -> None:
+        self.vapics_open.pop(vp)[0].close()
+
+    @invariant()
+    def vapics_match(self) -> None:
+        for handle, (va, m, _) in self.vapics_open.items():
+            for v in range(m.table.nr_vcpus):
+                r = va.get(v)
+                assert (set(r.irr), set(r.isr)) == (m.irr[v], m.isr[v]), (
+                    f"vAPIC {handle} vCPU {v}: IRR {sorted(r.irr)} ISR {sorted(r.isr)}, "
+                    f"model {sorted(m.irr[v])} {sorted(m.isr[v])}"
+                )
+
     @invariant()
     def descriptors_match(self) -> None:
         for name, t in self.real.items():
@@ -213,6 +402,16 @@ class KvmluMachine(RuleBasedStateMachine):
         assert self.received == owed, f"signals {self.received}, model {owed}"
 
     def teardown(self) -> None:
+        for va, _, _ in self.vapics_open.values():
+            va.close()
+        for name, real, m in self.open_sessions.values():
+            real.finish()
+            real.close()
+            if self.sessions_model.sessions.get(name) is m:
+                del self.sessions_model.sessions[name]
+        for name in list(self.sessions_model.sessions):
+            with self.dev.retrieve_session(name) as s:
+                s.finish()
         for b in self.binds.values():
             b.close()
         for t in self.real.values():
@@ -220,6 +419,31 @@ class KvmluMachine(RuleBasedStateMachine):
         for fd in [*self.targets, *self.srcs.values()]:
             os.close(fd)
         self.dev.close()
+
+
+def _successor(name: str, token: int, vcpu: int, vector: int) -> dict[str, int]:
+    """The second process: what each of its calls returned (0 or an errno)."""
+
+    def err(call: object, *args: object) -> tuple[int, object]:
+        try:
+            return 0, call(*args)  # type: ignore[operator]
+        except KvmluError as e:
+            return e.errno or 0, None
+
+    out: dict[str, int] = {}
+    with Device() as dev:
+        out["retrieve"], s = err(dev.retrieve_session, name)
+        assert isinstance(s, Session)
+        out["again"], _ = err(dev.retrieve_session, name)
+        out["missing"], _ = err(s.retrieve, MISSING_TOKEN)
+        out["table"], fd = err(s.retrieve, token)
+        if isinstance(fd, int):
+            arg = new_arg("kvmlu_table_post", vcpu=vcpu, vector=vector)
+            out["post"], _ = err(ioctl, fd, lib.KVMLU_TABLE_POST, arg)
+            out["result"] = int(arg.result) if out["post"] == 0 else 0
+            os.close(fd)
+        s.close()
+    return out
 
 
 KvmluMachine.TestCase.settings = settings(
