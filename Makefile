@@ -27,13 +27,17 @@ VM_ARGS ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 FUZZ_EXAMPLES ?= 10000
+# Where make test-debug keeps its kernel tree (about 6 GB) between runs.
+DEBUG_CACHE ?= /var/cache/kvmlu
+DEBUG_APT_PACKAGES := linux-source-6.1 bc bison flex libssl-dev libelf-dev xz-utils
+DEBUG_FUZZ_EXAMPLES ?= 200
 
-.PHONY: all deps venv modules test test-host test-kernel lint demo bench fuzz clean help
+.PHONY: all deps venv modules test test-host test-kernel test-debug lint demo bench fuzz clean help
 
 all: modules
 
 help:
-	@echo "make demo | test | test-host | test-kernel | bench | fuzz | modules | lint | clean"
+	@echo "make demo | test | test-host | test-kernel | test-debug | bench | fuzz | modules | lint | clean"
 
 # Debian packages, installed only when one is missing.
 deps: $(STAMPS)/apt
@@ -100,6 +104,29 @@ fuzz: deps venv
 	$(KVMLU) vm --kernel $(KVER) $(VM_ARGS) --env KVMLU_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) -- \
 		$(CURDIR)/$(PY) -m pytest -p no:cacheprovider -q --durations=5 \
 		tests/kernel/test_fuzz_stateful.py tests/kernel/test_fuzz_malformed.py $(PYTEST_ARGS)
+
+# The kernel suite and the fuzzers on a debug kernel (KASAN, lockdep,
+# might_sleep, kmemleak), built once into $(DEBUG_CACHE); any report fails.
+$(STAMPS)/apt-debug: Makefile
+	@mkdir -p $(STAMPS)
+	@missing=$$(for p in $(DEBUG_APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "Installing Debian packages:" $$missing; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -q; \
+		apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	@touch $@
+
+test-debug: deps venv $(STAMPS)/apt-debug
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH tools/debug-kernel.sh $(DEBUG_CACHE)
+	$(KVMLU) vm --kernel $(DEBUG_CACHE)/linux-debug --memory 2048 --edu 3 --timeout 10800 \
+		--module $(DEBUG_CACHE)/modules/kmod/kvmlu.ko \
+		--module $(DEBUG_CACHE)/modules/kmod/kvmlu_vapic_v1.ko \
+		--module $(DEBUG_CACHE)/modules/kmod/kvmlu_vapic_v2.ko \
+		--results $(CURDIR)/results/debug --env KVMLU_FUZZ_EXAMPLES=$(DEBUG_FUZZ_EXAMPLES) \
+		$(VM_ARGS) -- $(CURDIR)/$(PY) -m pytest -p no:cacheprovider tests/kernel $(PYTEST_ARGS)
 
 # Benchmarks: numbers, not pass/fail. Results land in results/bench/.
 bench: deps venv
