@@ -128,11 +128,34 @@ test-debug: deps venv $(STAMPS)/apt-debug
 		--results $(CURDIR)/results/debug --env KVMLU_FUZZ_EXAMPLES=$(DEBUG_FUZZ_EXAMPLES) \
 		$(VM_ARGS) -- $(CURDIR)/$(PY) -m pytest -p no:cacheprovider tests/kernel $(PYTEST_ARGS)
 
-# Benchmarks: numbers, not pass/fail. Results land in results/bench/.
-bench: deps venv
+# Benchmarks: numbers, not pass/fail. Results land in results/bench/; the
+# upgrade benchmark's table and plot in docs/. BENCH_UPGRADE_ARGS narrows its
+# matrix, e.g. "--vcpus 8 --workloads idle --upgrades 10".
+BENCH_APT_PACKAGES := stress-ng memtester fio
+BENCH_UPGRADE_ARGS ?=
+
+$(STAMPS)/bench: $(STAMPS)/venv Makefile
+	@missing=$$(for p in $(BENCH_APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "Installing Debian packages:" $$missing; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -q; \
+		apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	$(PY) -m pip install -q -e '.[test,bench]'
+	@touch $@
+
+bench: deps venv $(STAMPS)/bench
 	@$(MAKE) --no-print-directory _modules
-	$(KVMLU) vm --kernel $(KVER) --results $(CURDIR)/results/bench $(VM_ARGS) -- \
-		$(CURDIR)/$(KVMLU) bench irq $(BENCH_ARGS)
+	$(KVMLU) vm --kernel $(KVER) --edu 3 --scratch-disk 512 --timeout 14400 \
+		--results $(CURDIR)/results/bench $(VM_ARGS) -- /bin/sh -ec \
+		'$(CURDIR)/$(KVMLU) bench irq $(BENCH_ARGS); \
+		 $(CURDIR)/$(KVMLU) bench upgrade --json $(CURDIR)/results/bench/upgrade.json \
+			$(BENCH_UPGRADE_ARGS)'
+	$(KVMLU) bench report results/bench/upgrade.json \
+		--markdown docs/bench/upgrade-table.md --png docs/bench/upgrade.png
+	cp results/bench/upgrade.json docs/bench/upgrade.json
 
 clean:
 	-[ -z "$(KVER)" ] || $(MAKE) -C $(KDIR) M=$(CURDIR) clean

@@ -9,6 +9,13 @@ Input is a timeline per (vCPU, vector):
   pending on a vCPU, stamped when the fetch *started*, with the vectors it
   returned (possibly none).
 
+Where the owner runs concurrently with the device (vCPU threads that fetch
+while interrupts are being raised), two more stamps make the timeline exact:
+a raise may carry ``issued`` (when the device was told to raise: a fetch
+that ends after it may already take the vector) and a fetch may carry
+``end`` (when it returned: it may have taken a vector raised until then).
+A fetch then loses only raises that had landed before it *started*.
+
 Equal vectors coalesce, as in hardware: one delivery covers every raise since
 the previous delivery of that vector. A fetch that returns a vector no raise
 stands behind is *spurious*, or *duplicated* if that vector was delivered
@@ -37,6 +44,7 @@ class Raise:
     t: float
     vcpu: int
     vector: int
+    issued: float | None = None  # when it was raised, if known (before ``t``)
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,7 @@ class Fetch:
     vcpu: int
     vectors: frozenset[int]
     side: str = "new"
+    end: float | None = None  # when it returned, if known (after ``t``)
 
 
 @dataclass
@@ -116,6 +125,10 @@ class Report:
         return "\n".join(lines)
 
 
+# Event kinds, in the order they sort at equal times.
+_ISSUE, _LAND, _FETCH = 0, 1, 2
+
+
 def check(
     raises: Iterable[Raise],
     fetches: Iterable[Fetch],
@@ -124,57 +137,96 @@ def check(
     """Compare what was raised with what was fetched; see the module docstring."""
     fetches = list(fetches)
     keys: set[Key] = set()
-    events: dict[Key, list[tuple[float, int, bool]]] = defaultdict(list)
+    # (time, kind, fetch start, got, issued-before-landing)
+    events: dict[Key, list[tuple[float, int, float, bool, bool]]] = defaultdict(list)
     for r in raises:
-        keys.add((r.vcpu, r.vector))
-        events[(r.vcpu, r.vector)].append((r.t, 0, False))  # sorts before a fetch at t
+        key = (r.vcpu, r.vector)
+        keys.add(key)
+        if r.issued is not None:
+            events[key].append((r.issued, _ISSUE, 0.0, False, True))
+        events[key].append((r.t, _LAND, 0.0, False, r.issued is not None))
     for f in fetches:
         keys.update((f.vcpu, x) for x in f.vectors)
     for f in fetches:
+        end = f.t if f.end is None else f.end
         for key in keys:
             if key[0] == f.vcpu:
-                events[key].append((f.t, 1, key[1] in f.vectors))
+                events[key].append((end, _FETCH, f.t, key[1] in f.vectors, False))
     report = Report(switch=switch)
     for key in sorted(keys):
         report.keys[key] = _walk(sorted(events[key]), switch)
     return report
 
 
-def _walk(events: list[tuple[float, int, bool]], switch: tuple[float, float] | None) -> KeyReport:
-    """One key's raises (kind 0) and fetches (kind 1, got or not), in time order."""
+def _walk(
+    events: list[tuple[float, int, float, bool, bool]], switch: tuple[float, float] | None
+) -> KeyReport:
+    """One key's events in time order: issues, landings and fetches (at their end).
+
+    A fetch that took the vector while a raise was in flight (issued, not
+    landed, or landed after the fetch started) may or may not have taken
+    that raise. Such a raise may justify one later delivery, and a later
+    fetch that does not return it is no proof of a loss.
+    """
     kr = KeyReport()
-    pending = 0
+    landed: list[float] = []  # landing times of raises a delivery must still cover
+    optional: list[float] = []  # landed raises an earlier fetch may have taken
+    # In-flight raises in issue order: "free" (no delivery could be theirs
+    # yet), "maybe" (one could), "used" (one was, for certain).
+    flight: list[str] = []
     delivered_before = False
-    for t, kind, got in events:
-        if kind == 0:
+    for t, kind, start, got, issued in events:
+        if kind == _ISSUE:
+            flight.append("free")
+        elif kind == _LAND:
             kr.raised += 1
-            pending += 1
             kr.raised_in_switch += bool(switch and switch[0] <= t <= switch[1])
+            state = flight.pop(0) if issued else "free"
+            if state == "free":
+                landed.append(t)
+            elif state == "maybe":
+                optional.append(t)
         elif got:
             kr.delivered += 1
-            if not pending:
-                if delivered_before:
-                    kr.duplicated += 1
-                else:
-                    kr.spurious += 1
-            pending = 0
+            if landed or optional or "free" in flight:
+                pass
+            elif "maybe" in flight:
+                flight[flight.index("maybe")] = "used"  # this delivery is that raise's
+            elif delivered_before:
+                kr.duplicated += 1
+            else:
+                kr.spurious += 1
+            optional = [x for x in landed + optional if x >= start]
+            landed = []
+            flight = ["maybe" if f == "free" else f for f in flight]
             delivered_before = True
         else:
-            kr.lost += pending
-            pending = 0
-    kr.lost += pending
+            # Raises that landed before the fetch started had to be in it.
+            kr.lost += sum(1 for x in landed if x < start)
+            landed = [x for x in landed if x >= start]
+            optional = [x for x in optional if x >= start]
+    kr.lost += len(landed)
     return kr
 
 
 def load_log(path: str) -> tuple[list[Raise], list[Fetch], tuple[float, float] | None]:
-    """Read a JSON log: ``{"raises": [[t, vcpu, vector]...], "fetches": [[t, vcpu,
-    [vectors], side]...], "switch": [t0, t1] or null}``."""
+    """Read a JSON log: ``{"raises": [[t, vcpu, vector, (issued)]...], "fetches":
+    [[t, vcpu, [vectors], side, (end)]...], "switch": [t0, t1] or null}``."""
     with open(path) as f:
         doc = json.load(f)
-    raises = [Raise(float(t), int(v), int(x)) for t, v, x in doc["raises"]]
+    raises = [
+        Raise(float(r[0]), int(r[1]), int(r[2]), None if len(r) < 4 else float(r[3]))
+        for r in doc["raises"]
+    ]
     fetches = [
-        Fetch(float(t), int(v), frozenset(int(x) for x in xs), str(s))
-        for t, v, xs, s in doc["fetches"]
+        Fetch(
+            float(f[0]),
+            int(f[1]),
+            frozenset(int(x) for x in f[2]),
+            str(f[3]),
+            None if len(f) < 5 else float(f[4]),
+        )
+        for f in doc["fetches"]
     ]
     sw = doc.get("switch")
     return raises, fetches, (float(sw[0]), float(sw[1])) if sw else None
@@ -188,8 +240,13 @@ def dump_log(
 ) -> None:
     """Write a log that :func:`load_log` reads and ``kvmlu check`` checks."""
     doc = {
-        "raises": [[r.t, r.vcpu, r.vector] for r in raises],
-        "fetches": [[f.t, f.vcpu, sorted(f.vectors), f.side] for f in fetches],
+        "raises": [
+            [r.t, r.vcpu, r.vector] + ([] if r.issued is None else [r.issued]) for r in raises
+        ],
+        "fetches": [
+            [f.t, f.vcpu, sorted(f.vectors), f.side] + ([] if f.end is None else [f.end])
+            for f in fetches
+        ],
         "switch": list(switch) if switch else None,
     }
     with open(path, "w") as f:

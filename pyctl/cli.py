@@ -9,8 +9,9 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
-from pyctl import bench_irq, check, demo, vm
+from pyctl import bench_irq, bench_upgrade, check, demo, livevmm, upgrade, vm
 from pyctl import swap as swap_mod
 from pyctl.edu import Edu, find_vfio_edu
 from pyctl.errors import KvmluError
@@ -142,6 +143,57 @@ def _vector(text: str) -> int:
     return int(text, 0)
 
 
+def _add_bench(sub: Any) -> None:
+    """``kvmlu bench`` and its benchmarks."""
+    p = sub.add_parser("bench", help="benchmarks (inside the test VM)")
+    bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    b = bsub.add_parser(
+        "irq",
+        help="edu MSIs through a kvmlu binding versus a userspace interrupt thread",
+    )
+    b.add_argument("--device", metavar="BDF", help="edu PCI function (default: the first)")
+    b.add_argument("--samples", type=int, default=2000, help="latency samples per path")
+    b.add_argument("--seconds", type=float, default=4.0, help="throughput time per path")
+    b.add_argument("--json", metavar="PATH", help="write the results here")
+    b.set_defaults(func=cmd_bench)
+    b = bsub.add_parser(
+        "upgrade",
+        help="live-upgrade downtime: vCPU counts x workloads x strategies x optimisations",
+        description="For each configuration, upgrade a test VMM N times under a stream of "
+        "edu MSIs and record the vCPU downtime, its phases and the checker's verdict; "
+        "write JSON after each run. Inside the test VM.",
+    )
+    bench_upgrade.add_arguments(b)
+    b.set_defaults(func=bench_upgrade.bench)
+    b = bsub.add_parser(
+        "report",
+        help="the upgrade benchmark's JSON as a Markdown table and a PNG plot (host)",
+    )
+    bench_upgrade.add_report_arguments(b)
+    b.set_defaults(func=bench_upgrade.report)
+
+    p = sub.add_parser(
+        "vmm",
+        help="the test VMM of a live upgrade, driven over a control socket",
+        description="Own a descriptor table for V vCPUs, a vAPIC, VFIO devices with "
+        "their MSI bindings, and V vCPU threads that sync, ack and EOI; answer the "
+        "upgrade's commands on the control socket (see pyctl.livevmm).",
+    )
+    livevmm.add_arguments(p)
+    p.set_defaults(func=livevmm.main)
+
+    p = sub.add_parser(
+        "upgrade",
+        help="live-upgrade a test VMM N times under real MSIs (in the VM)",
+        description="Start a test VMM with V vCPU threads over the edu devices, raise "
+        "MSIs the whole time, upgrade it N times in the chosen strategy, and print the "
+        "vCPU downtime (with its phases) and the checker's verdict. Exits 1 if any "
+        "interrupt was lost, spurious or duplicated.",
+    )
+    upgrade.add_arguments(p)
+    p.set_defaults(func=upgrade.main)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvmlu",
@@ -201,17 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_bind)
 
-    p = sub.add_parser("bench", help="benchmarks (inside the test VM)")
-    bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    b = bsub.add_parser(
-        "irq",
-        help="edu MSIs through a kvmlu binding versus a userspace interrupt thread",
-    )
-    b.add_argument("--device", metavar="BDF", help="edu PCI function (default: the first)")
-    b.add_argument("--samples", type=int, default=2000, help="latency samples per path")
-    b.add_argument("--seconds", type=float, default=4.0, help="throughput time per path")
-    b.add_argument("--json", metavar="PATH", help="write the results here")
-    b.set_defaults(func=cmd_bench)
+    _add_bench(sub)
 
     p = sub.add_parser(
         "vm",

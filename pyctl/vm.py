@@ -173,6 +173,7 @@ class VmOptions:
     kernel_append: list[str] = field(default_factory=list)
     env: list[str] = field(default_factory=list)
     console: bool = False
+    scratch_mb: int = 0
     checkout: Path = CHECKOUT
     python: Path = field(default_factory=lambda: Path(sys.executable))
     vng: Path = Path("vng")
@@ -181,6 +182,11 @@ class VmOptions:
     def status_file(self) -> Path:
         """Where the guest writes status.json."""
         return self.results_dir / "status.json"
+
+    @property
+    def scratch_file(self) -> Path:
+        """The backing file of the scratch disk (sparse, made anew every boot)."""
+        return self.results_dir / "scratch.img"
 
 
 def guest_command(opts: VmOptions) -> str:
@@ -195,9 +201,24 @@ def guest_command(opts: VmOptions) -> str:
     return f"PYTHONPATH={shlex.quote(str(opts.checkout))} exec {shlex.join(argv)} 2>&1"
 
 
+SCRATCH_SERIAL = "kvmlu-scratch"
+
+
 def qemu_options(opts: VmOptions) -> list[str]:
-    """Extra QEMU options: the emulated IOMMU and the edu functions."""
-    return ["-device", "intel-iommu,intremap=on"] + ["-device", "edu"] * opts.edu
+    """Extra QEMU options: the emulated IOMMU, the edu functions, the scratch disk.
+
+    The scratch disk is a virtio-blk disk whose serial is ``kvmlu-scratch``
+    (the guest finds it by /sys/block/*/serial), for workloads that write.
+    """
+    out = ["-device", "intel-iommu,intremap=on"] + ["-device", "edu"] * opts.edu
+    if opts.scratch_mb:
+        out += [
+            "-drive",
+            f"file={opts.scratch_file},if=none,id=scratch,format=raw,cache=unsafe",
+            "-device",
+            f"virtio-blk-pci,drive=scratch,serial={SCRATCH_SERIAL}",
+        ]
+    return out
 
 
 def kernel_params(opts: VmOptions) -> list[str]:
@@ -326,6 +347,10 @@ def run(opts: VmOptions) -> int:
     results.mkdir(parents=True, exist_ok=True)
     for name in ("status.json", "status.json.tmp", "kmsg.log", "console.log", "guest.log"):
         (results / name).unlink(missing_ok=True)
+    opts.scratch_file.unlink(missing_ok=True)
+    if opts.scratch_mb:
+        with open(opts.scratch_file, "wb") as f:
+            f.truncate(opts.scratch_mb << 20)
     console = results / "console.log"
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(opts.vng.parent), env.get("PATH", "")])
@@ -480,6 +505,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also show the kernel console (always kept in console.log)",
     )
+    parser.add_argument(
+        "--scratch-disk",
+        dest="scratch_mb",
+        type=int,
+        default=0,
+        metavar="MB",
+        help="attach a scratch virtio disk of this size (serial kvmlu-scratch)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the vng command and exit")
     parser.add_argument(
         "command",
@@ -508,7 +541,13 @@ def options_from_args(args: argparse.Namespace) -> VmOptions:
     for item in args.vm_env:
         if "=" not in item:
             raise VmError(f"--env {item!r}: expected KEY=VALUE")
-    if args.edu < 0 or args.memory <= 0 or args.cpus <= 0 or args.timeout <= 0:
+    if (
+        args.edu < 0
+        or args.memory <= 0
+        or args.cpus <= 0
+        or args.timeout <= 0
+        or args.scratch_mb < 0
+    ):
         raise VmError("--edu, --memory, --cpus and --timeout must be positive")
     return VmOptions(
         kernel=kernel,
@@ -523,6 +562,7 @@ def options_from_args(args: argparse.Namespace) -> VmOptions:
         kernel_append=list(args.kernel_append),
         env=list(args.vm_env),
         console=args.console,
+        scratch_mb=args.scratch_mb,
         vng=find_vng(),
     )
 

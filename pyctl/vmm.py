@@ -65,7 +65,7 @@ def send_msg(sock: socket.socket, doc: dict[str, Any], fds: Sequence[int] = ()) 
 
 
 def recv_msg(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
-    data, fds, _, _ = socket.recv_fds(sock, 1 << 20, 64)
+    data, fds, _, _ = socket.recv_fds(sock, 1 << 20, 253)  # SCM_MAX_FD
     if not data:
         raise EOFError("control socket closed")
     n = int.from_bytes(data[:4], "little")

@@ -92,3 +92,67 @@ def test_kvmlu_check_cli(tmp_path: Path) -> None:
     assert r.returncode == 1 and "1 lost" in r.stdout, r.stdout + r.stderr
     r = subprocess.run([*kvmlu, "--json", str(bad)], capture_output=True, text=True, check=False)
     assert json.loads(r.stdout)["lost"] == 1
+
+
+def Fi(t: float, end: float, vcpu: int, *vectors: int) -> Fetch:
+    return Fetch(t, vcpu, frozenset(vectors), "new", end)
+
+
+def test_fetch_may_take_a_raise_that_is_still_landing() -> None:
+    # Issued at 1, landed (stamped) at 3; the fetch of 2..2.5 took it: no spurious.
+    r = check([Raise(3, 0, 0x41, issued=1)], [Fi(2, 2.5, 0, 0x41), Fi(4, 4.1, 0)])
+    assert r.ok and r.keys[(0, 0x41)].delivered == 1
+
+
+def test_fetch_that_returned_before_the_issue_is_spurious() -> None:
+    r = check([Raise(3, 0, 0x41, issued=2)], [Fi(0.5, 1, 0, 0x41), Fi(4, 4.1, 0, 0x41)])
+    assert r.spurious == 1 and r.lost == 0
+
+
+def test_fetch_that_started_before_the_landing_need_not_see_it() -> None:
+    r = check([Raise(2, 0, 0x41, issued=1)], [Fi(1.5, 2.5, 0), Fi(3, 3.1, 0, 0x41)])
+    assert r.ok
+
+
+def test_fetch_that_started_after_the_landing_must_see_it() -> None:
+    r = check([Raise(2, 0, 0x41, issued=1)], [Fi(2.2, 2.5, 0), Fi(3, 3.1, 0)])
+    assert r.lost == 1
+
+
+def test_one_fetch_covers_a_landed_and_an_inflight_raise() -> None:
+    raises = [Raise(1, 0, 0x41, issued=0.5), Raise(3, 0, 0x41, issued=1.5)]
+    r = check(raises, [Fi(2, 2.2, 0, 0x41), Fi(4, 4.1, 0)])
+    assert r.ok and r.keys[(0, 0x41)].raised == 2
+
+
+def test_fetch_during_an_issue_need_not_have_taken_it() -> None:
+    # R1 landed at 1; R2 issued at 1.5, landed at 3. The fetch of 2..2.2 took
+    # R1 (R2 was not posted yet); the fetch at 4 takes R2: neither is a duplicate.
+    raises = [Raise(1, 0, 0x41, issued=0.5), Raise(3, 0, 0x41, issued=1.5)]
+    r = check(raises, [Fi(2, 2.2, 0, 0x41), Fi(4, 4.1, 0, 0x41), Fi(5, 5.1, 0)])
+    assert r.ok and r.keys[(0, 0x41)].delivered == 2
+    # A third delivery has no raise behind it.
+    r = check(raises, [Fi(2, 2.2, 0, 0x41), Fi(4, 4.1, 0, 0x41), Fi(5, 5.1, 0, 0x41)])
+    assert r.duplicated == 1
+
+
+def test_raise_that_landed_during_a_fetch_may_come_in_the_next() -> None:
+    # The fetch of 1..5 returned 0x41 for the raise landed at 0.5; the one
+    # landed at 3 (during that fetch) may be in it or in the next fetch.
+    raises = [Raise(0.5, 0, 0x41, issued=0.2), Raise(3, 0, 0x41, issued=2)]
+    assert check(raises, [Fi(1, 5, 0, 0x41), Fi(6, 6.1, 0, 0x41), Fi(7, 7.1, 0)]).ok
+    assert check(raises, [Fi(1, 5, 0, 0x41), Fi(6, 6.1, 0)]).ok
+    # But a raise that landed before the fetch started is in it, and only once.
+    early = [Raise(0.5, 0, 0x41, issued=0.2)]
+    assert check(early, [Fi(1, 5, 0, 0x41), Fi(6, 6.1, 0, 0x41)]).duplicated == 1
+
+
+def test_raise_in_flight_across_two_deliveries_justifies_one() -> None:
+    # R1 landed at 1; R2 issued at 2, landed at 9. Fetch 1.5..3 took R1 (and
+    # maybe R2), fetch 4..5 took R2: fine. A third delivery before R2 landed
+    # has nothing behind it.
+    raises = [Raise(1, 0, 0x41, issued=0.5), Raise(9, 0, 0x41, issued=2)]
+    two = [Fi(1.5, 3, 0, 0x41), Fi(4, 5, 0, 0x41), Fi(10, 10.1, 0)]
+    assert check(raises, two).ok
+    three = [Fi(1.5, 3, 0, 0x41), Fi(4, 5, 0, 0x41), Fi(6, 7, 0, 0x41), Fi(10, 10.1, 0)]
+    assert check(raises, three).duplicated == 1

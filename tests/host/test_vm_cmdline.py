@@ -70,6 +70,15 @@ def test_edu_count(tmp_path: Path, n: int) -> None:
     assert "--expect-edu " + str(n) in value_of(argv, "--exec")
 
 
+def test_scratch_disk_is_a_virtio_disk_with_a_serial(tmp_path: Path) -> None:
+    assert not any("virtio-blk" in o for o in qemu_opts(vm.build_command(options(tmp_path))))
+    opts = options(tmp_path, scratch_mb=64)
+    q = qemu_opts(vm.build_command(opts))
+    drive = q[q.index("-drive") + 1]
+    assert drive.startswith(f"file={opts.scratch_file},") and "format=raw" in drive
+    assert f"virtio-blk-pci,drive=scratch,serial={vm.SCRATCH_SERIAL}" in q
+
+
 def test_memory_cpus_and_extra_kernel_params(tmp_path: Path) -> None:
     argv = vm.build_command(
         options(tmp_path, memory_mb=2048, cpus=4, kernel_append=["kmemleak=on", "a=b c"])

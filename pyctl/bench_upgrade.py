@@ -1,0 +1,268 @@
+"""``kvmlu bench upgrade``: the live upgrade's vCPU downtime, measured across a matrix.
+
+For every vCPU count, workload, strategy and set of optimisations, one run
+of :func:`pyctl.upgrade.run` (N upgrades in a row under a stream of edu
+MSIs, one more raised in every upgrade's window) gives the downtime's
+p50/p99/max, its phases, and the checker's lost, spurious and duplicated
+counts. Workloads run in the guest beside the VMMs:
+
+``idle``    nothing;
+``cpu``     ``stress-ng --cpu 1`` (one of the guest's two vCPUs busy);
+``memory``  ``memtester`` over 128 MiB, in a loop;
+``disk``    ``fio --rw=randwrite --bs=4k --iodepth=1 --direct=1`` on the scratch
+            disk (``kvmlu vm --scratch-disk``).
+
+Results go to a JSON file after every run, so a partial matrix survives a
+timeout. ``kvmlu bench report`` turns the JSON into the table in docs/ and a
+PNG plot of the downtime distributions; each figure also gets its ratio to
+the unoptimised flow of the same strategy, vCPU count and workload, measured
+in the same VM run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pyctl.livevmm import STRATEGIES, Optimisations
+from pyctl.upgrade import close_edus, exec_startup, open_edus, run
+from pyctl.vm import SCRATCH_SERIAL
+
+WORKLOADS = ("idle", "cpu", "memory", "disk")
+ABLATIONS = ("no-prestart", "no-concurrent", "no-keep-eventfds")
+
+
+def scratch_disk() -> str:
+    """The scratch disk's device node (loads virtio_blk if needed)."""
+    for _ in range(2):
+        for serial in Path("/sys/block").glob("*/serial"):
+            if serial.read_text().strip() == SCRATCH_SERIAL:
+                dev = Path("/dev") / serial.parent.name
+                if not dev.exists():
+                    subprocess.run(["mknod", str(dev), "b", *_devnum(serial.parent)], check=True)
+                return str(dev)
+        subprocess.run(["modprobe", "virtio_blk"], check=False)
+    raise RuntimeError("no scratch disk: boot the VM with --scratch-disk")
+
+
+def _devnum(block: Path) -> list[str]:
+    return (block / "dev").read_text().strip().split(":")
+
+
+def workload_argv(name: str) -> list[str] | None:
+    """The command of a workload, or None for idle."""
+    if name == "idle":
+        return None
+    if name == "cpu":
+        return ["stress-ng", "--cpu", "1", "--timeout", "0", "--quiet"]
+    if name == "memory":
+        return ["sh", "-c", "while memtester 128M 1 >/dev/null; do :; done"]
+    if name == "disk":
+        return [
+            "fio",
+            "--name=kvmlu-scratch",
+            f"--filename={scratch_disk()}",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=1",
+            "--direct=1",
+            "--ioengine=psync",
+            "--time_based",
+            "--runtime=1000000",
+            "--output=/dev/null",
+        ]
+    raise ValueError(f"unknown workload {name!r}")
+
+
+@contextlib.contextmanager
+def workload(name: str) -> Iterator[None]:
+    """Run a workload (in its own process group) for the duration of the block."""
+    argv = workload_argv(name)
+    if argv is None:
+        yield
+        return
+    if shutil.which(argv[0]) is None:
+        raise RuntimeError(f"{argv[0]} is not installed (make bench installs it)")
+    proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)  # let it start: a workload that exits at once is an error
+        if proc.poll() is not None:
+            raise RuntimeError(f"workload {name} exited with {proc.returncode}")
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def configs(
+    vcpus: list[int], workloads: list[str], strategies: list[str], ablate: bool
+) -> list[tuple[int, str, str, str]]:
+    """(vCPUs, workload, strategy, optimisations) in run order."""
+    out = []
+    for v in vcpus:
+        for w in workloads:
+            for s in strategies:
+                out += [(v, w, s, "all"), (v, w, s, "none")]
+                if ablate and s == "shared" and v == max(vcpus):
+                    out += [(v, w, s, a) for a in ABLATIONS]
+    return out
+
+
+def environment() -> dict[str, Any]:
+    """Where the figures were measured."""
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "kernel": platform.release(),
+        "guest_cpus": os.cpu_count(),
+        "guest_cpu_model": cpu,
+        "accel": os.environ.get("KVMLU_ACCEL", "unknown"),
+        "python": platform.python_version(),
+    }
+
+
+def bench(args: argparse.Namespace) -> int:
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc: dict[str, Any] = {
+        "environment": environment(),
+        "upgrades_per_run": args.upgrades,
+        "exec_startup_s": [],
+        "runs": [],
+    }
+    todo = configs(args.vcpus, args.workloads, args.strategies, not args.no_ablations)
+    edus = open_edus(3)
+    started = time.monotonic()
+    try:
+        doc["exec_startup_s"] = exec_startup(3)
+        for i, (v, w, s, o) in enumerate(todo):
+            with workload(w):
+                r = run(edus, v, s, Optimisations.parse(o), args.upgrades, raise_in_window=True)
+            entry = {
+                "workload": w,
+                **r.summary(),
+                "downtimes_ms": [d.total_ms for d in r.downtimes],
+            }
+            doc["runs"].append(entry)
+            d = entry["downtime_ms"]
+            print(
+                f"[{i + 1}/{len(todo)} {time.monotonic() - started:.0f}s] {v} vCPUs {w} {s} {o}: "
+                f"p50 {d['p50']:.2f} ms p99 {d['p99']:.2f} ms, lost {entry['lost']} "
+                f"spurious {entry['spurious']} dup {entry['duplicated']}",
+                flush=True,
+            )
+            out.write_text(json.dumps(doc, indent=1))
+    finally:
+        close_edus(edus)
+    return 0
+
+
+# The report, on the host.
+
+
+def _key(r: dict[str, Any]) -> tuple[int, str, str]:
+    return (r["vcpus"], r["workload"], r["strategy"])
+
+
+def ratios(doc: dict[str, Any]) -> dict[tuple[int, str, str, str], float]:
+    """p50 downtime of the unoptimised flow over this run's, per configuration."""
+    base = {_key(r): r["downtime_ms"]["p50"] for r in doc["runs"] if r["optimisations"] == "none"}
+    out = {}
+    for r in doc["runs"]:
+        b = base.get(_key(r))
+        if b is not None and r["downtime_ms"].get("p50"):
+            out[(*_key(r), r["optimisations"])] = b / r["downtime_ms"]["p50"]
+    return out
+
+
+def table(doc: dict[str, Any]) -> str:
+    """A Markdown table of every run."""
+    rat = ratios(doc)
+    lines = [
+        "| vCPUs | workload | strategy | optimisations | p50 ms | p99 ms | max ms "
+        "| suspend | save | load | startup | vs none | lost | spurious | dup |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in doc["runs"]:
+        d, ph = r["downtime_ms"], r["phases_p50_ms"]
+        ratio = rat.get((*_key(r), r["optimisations"]))
+        lines.append(
+            f"| {r['vcpus']} | {r['workload']} | {r['strategy']} | {r['optimisations']} "
+            f"| {d['p50']:.2f} | {d['p99']:.2f} | {d['max']:.2f} "
+            f"| {ph['suspend']:.2f} | {ph['save']:.2f} | {ph['load']:.2f} | {ph['startup']:.2f} "
+            f"| {'' if ratio is None else f'{ratio:.1f}x'} "
+            f"| {r['lost']} | {r['spurious']} | {r['duplicated']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    """Box plots of the downtime distributions: one panel per vCPU count."""
+    import matplotlib  # noqa: PLC0415 - only the report needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    vcpus = sorted({r["vcpus"] for r in doc["runs"]})
+    fig, axes = plt.subplots(len(vcpus), 1, figsize=(14, 4.2 * len(vcpus)), squeeze=False)
+    for ax, v in zip(axes[:, 0], vcpus, strict=True):
+        runs = [r for r in doc["runs"] if r["vcpus"] == v]
+        data = [r["downtimes_ms"] for r in runs]
+        labels = [f"{r['workload']}\n{r['strategy']}\n{r['optimisations']}" for r in runs]
+        box = ax.boxplot(data, patch_artist=True, showfliers=True)
+        for patch, r in zip(box["boxes"], runs, strict=True):
+            patch.set_facecolor("#4c9f70" if r["optimisations"] == "all" else "#d9a441")
+        ax.set_xticks(range(1, len(runs) + 1), labels, fontsize=6)
+        ax.set_yscale("log")
+        ax.set_ylabel("vCPU downtime (ms)")
+        ax.set_title(f"{v} vCPUs: green all optimisations, amber without some or all")
+        ax.grid(axis="y", alpha=0.3)
+    env = doc["environment"]
+    fig.suptitle(
+        f"kvmlu live upgrade, {doc['upgrades_per_run']} upgrades per box; guest kernel "
+        f"{env['kernel']}, {env['guest_cpus']} vCPUs, accel {env['accel']}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def report(args: argparse.Namespace) -> int:
+    doc = json.loads(Path(args.json).read_text())
+    text = table(doc)
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+    else:
+        print(text)
+    if args.png:
+        plot(doc, Path(args.png))
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vcpus", type=int, nargs="+", default=[8, 64, 88])
+    p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
+    p.add_argument("--upgrades", type=int, default=50, help="upgrades per run (default: 50)")
+    p.add_argument("--no-ablations", action="store_true", help="skip the one-off-at-a-time runs")
+    p.add_argument("--json", default="results/bench/upgrade.json", help="where to write")
+
+
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("json", help="what kvmlu bench upgrade wrote")
+    p.add_argument("--markdown", metavar="PATH", help="write the table here")
+    p.add_argument("--png", metavar="PATH", help="write the plot here")

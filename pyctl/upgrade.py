@@ -1,0 +1,614 @@
+"""The live upgrade: old VMM to new VMM under a stream of real MSIs.
+
+``kvmlu upgrade`` (in the test VM) opens the edu functions through VFIO,
+starts a first VMM (:mod:`pyctl.livevmm`) with V vCPU threads, raises MSIs
+from a device thread the whole time, and upgrades N times: each upgrade
+starts a new VMM process, moves everything over in the chosen strategy and
+with the chosen optimisations, and releases the old one. At the end the
+last VMM takes what is pending and the checker compares every raise with
+every delivery of every VMM.
+
+Downtime is vCPU downtime: from the moment the old VMM's vCPUs stop taking
+interrupts (the pause) to the moment the new VMM's vCPUs run (the last
+thread started). It is broken into
+
+``suspend``   pause until the last old vCPU thread stopped;
+``save``      until the old VMM saved the vAPIC and the device state;
+``load``      until the new VMM loaded both (overlaps the save when the
+              loading is concurrent: then only what is left after the save);
+``startup``   the rest: starting and preparing the new VMM when it was not
+              started beforehand, binding, attaching, starting the threads.
+
+New VMM processes are forked from a warm template process (a "zygote" that
+has imported everything): the same start-up for every upgrade, and a lower
+bound of the start-up of a freshly executed VMM, which :func:`exec_startup`
+measures apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyctl.check import Fetch, Raise, Report, check, dump_log
+from pyctl.edu import Edu, find_vfio_edu
+from pyctl.livevmm import STRATEGIES, LiveVmm, Optimisations, serve
+from pyctl.vmm import recv_msg, send_msg
+
+LAND_TIMEOUT = 10.0
+REPLY_TIMEOUT = 120.0
+VECTORS = (0x41, 0x62, 0x73, 0x84, 0x95, 0xA6)
+
+
+def targets_for(nr_vcpus: int, nr_devices: int) -> list[tuple[int, int]]:
+    """Device i -> (vCPU, vector): spread over the vCPUs, first and last included."""
+    out = []
+    for i in range(nr_devices):
+        vcpu = 0 if nr_devices == 1 else i * (nr_vcpus - 1) // (nr_devices - 1)
+        out.append((vcpu, VECTORS[i % len(VECTORS)]))
+    return out
+
+
+class VmmError(RuntimeError):
+    """A VMM refused a command or went away; ``handle`` says which."""
+
+    def __init__(self, message: str, handle: VmmHandle | None = None) -> None:
+        super().__init__(message)
+        self.handle = handle
+
+
+class VmmHandle:
+    """A VMM process as the controller sees it: its pid and control socket."""
+
+    def __init__(
+        self, pid: int, ctl: socket.socket, proc: subprocess.Popen[bytes] | None = None
+    ) -> None:
+        self.pid = pid
+        self.ctl = ctl
+        self.proc = proc
+        self.final: dict[str, Any] | None = None  # its last "stop" reply, if taken early
+        self.ctl.settimeout(REPLY_TIMEOUT)
+
+    def send(self, cmd: str, fds: Sequence[int] = (), **kw: Any) -> None:
+        send_msg(self.ctl, {"cmd": cmd, **kw}, fds)
+
+    def recv(self, what: str) -> tuple[dict[str, Any], list[int]]:
+        try:
+            reply, fds = recv_msg(self.ctl)
+        except (EOFError, ConnectionError, OSError) as e:
+            raise VmmError(f"{what}: the VMM (pid {self.pid}) went away: {e}", self) from e
+        if not reply.get("ok"):
+            raise VmmError(f"{what}: {reply.get('error')}", self)
+        return reply, fds
+
+    def call(
+        self, cmd: str, fds: Sequence[int] = (), **kw: Any
+    ) -> tuple[dict[str, Any], list[int]]:
+        self.send(cmd, fds, **kw)
+        return self.recv(cmd)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.send("exit")
+            self.recv("exit")
+        except (VmmError, OSError):
+            pass
+        self.ctl.close()
+        if self.proc is not None:
+            self.proc.wait(timeout=30)
+
+
+class Zygote:
+    """A warm process that forks new VMMs on request.
+
+    It is started before the first VMM, single-threaded, holding no kvmlu
+    object; a child it forks runs :func:`pyctl.livevmm.serve` on the
+    control socket sent with the request and exits when it is done.
+    """
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        argv = [sys.executable, "-m", "pyctl.upgrade", "--zygote", str(theirs.fileno())]
+        self.proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), close_fds=True)
+        theirs.close()
+        self.ctl = ours
+
+    def spawn(self, strategy: str, vapic: int, opts: Optimisations) -> VmmHandle:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        doc = {"strategy": strategy, "vapic": vapic, "opts": opts.label()}
+        send_msg(self.ctl, doc, [theirs.fileno()])
+        theirs.close()
+        reply, _ = recv_msg(self.ctl)
+        return VmmHandle(int(reply["pid"]), ours)
+
+    def close(self) -> None:
+        self.ctl.close()  # EOF: the zygote exits
+        self.proc.wait(timeout=30)
+
+
+def zygote_main(fd: int) -> int:
+    """The zygote's loop: fork one VMM per request; children are reaped by the kernel."""
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    with socket.socket(fileno=fd) as ctl:
+        while True:
+            try:
+                doc, fds = recv_msg(ctl)
+            except (EOFError, ConnectionError):
+                return 0
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    ctl.close()
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    vmm = LiveVmm(
+                        doc["strategy"], int(doc["vapic"]), Optimisations.parse(doc["opts"])
+                    )
+                    with socket.socket(fileno=fds[0]) as child:
+                        serve(child, vmm)
+                    code = 0
+                finally:
+                    os._exit(code)
+            for f in fds:
+                os.close(f)
+            send_msg(ctl, {"pid": pid})
+
+
+def exec_startup(n: int = 3) -> list[float]:
+    """Seconds from exec of a fresh VMM process to its first reply, ``n`` times."""
+    out = []
+    for _ in range(n):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        t0 = time.monotonic()
+        argv = [sys.executable, "-m", "pyctl.livevmm", "--control-fd", str(theirs.fileno())]
+        proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), close_fds=True)
+        theirs.close()
+        send_msg(ours, {"cmd": "exit"})
+        recv_msg(ours)
+        out.append(time.monotonic() - t0)
+        ours.close()
+        proc.wait(timeout=30)
+    return out
+
+
+@dataclass
+class Raiser:
+    """The device side: raises MSIs round robin, one in flight, until stopped.
+
+    Each raise is stamped when issued and when its MSI had landed (the
+    host's vfio-msi count in /proc/interrupts moved).
+    """
+
+    edus: list[Edu]
+    targets: list[tuple[int, int]]
+    interval: float = 0.0
+    raises: list[Raise] = field(default_factory=list)
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()  # one raise in flight: landing is told by a count
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self.error:
+            raise RuntimeError(self.error)
+
+    def _run(self) -> None:
+        i = 0
+        try:
+            while not self._stop.is_set():
+                k = i % len(self.edus)
+                self.raise_one(k)
+                i += 1
+                if self.interval:
+                    self._stop.wait(self.interval)
+        except Exception as e:  # reported by stop()
+            self.error = f"raiser: {type(e).__name__}: {e}"
+
+    def raise_one(self, k: int) -> None:
+        """Raise device ``k``'s MSI and wait until it has landed (any thread)."""
+        with self._lock:
+            self._raise_one(k)
+
+    def _raise_one(self, k: int) -> None:
+        edu = self.edus[k]
+        before = msi_count(edu.bdf)
+        issued = time.monotonic()
+        edu.raise_irq()
+        deadline = issued + LAND_TIMEOUT
+        while msi_count(edu.bdf) == before:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the MSI of {edu.bdf} did not land")
+        self.raises.append(Raise(time.monotonic(), *self.targets[k], issued=issued))
+
+
+def msi_count(bdf: str) -> int:
+    """How many MSIs of ``bdf`` the host has handled, from /proc/interrupts."""
+    with open("/proc/interrupts") as f:
+        for line in f:
+            if bdf in line and "vfio-msi" in line:
+                return sum(int(x) for x in line.split()[1:] if x.isdigit())
+    return 0
+
+
+@dataclass
+class Downtime:
+    """One upgrade's stamps, and its downtime and phases in milliseconds."""
+
+    pause: float
+    suspended: float
+    saved: float
+    loaded: float
+    running: float
+    rolled_back: bool = False
+    started_in_window: float = 0.0  # seconds spent starting the new VMM after the save
+
+    @property
+    def total_ms(self) -> float:
+        return (self.running - self.pause) * 1e3
+
+    def phases_ms(self) -> dict[str, float]:
+        loaded = max(self.loaded, self.saved)
+        return {
+            "suspend": (self.suspended - self.pause) * 1e3,
+            "save": (self.saved - self.suspended) * 1e3,
+            "load": (loaded - self.saved - self.started_in_window) * 1e3,
+            "startup": (self.running - loaded + self.started_in_window) * 1e3,
+        }
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` measured: each upgrade's downtime and the checker's verdict."""
+
+    strategy: str
+    optimisations: str
+    nr_vcpus: int
+    downtimes: list[Downtime]
+    report: Report
+    raises: int
+    deliveries: int
+    acked: int
+    timeline: tuple[list[Raise], list[Fetch]] = ([], [])
+
+    def summary(self) -> dict[str, Any]:
+        ms = sorted(d.total_ms for d in self.downtimes if not d.rolled_back)
+        phases = (
+            {
+                k: statistics.median(d.phases_ms()[k] for d in self.downtimes if not d.rolled_back)
+                for k in ("suspend", "save", "load", "startup")
+            }
+            if ms
+            else {}
+        )
+        return {
+            "strategy": self.strategy,
+            "optimisations": self.optimisations,
+            "vcpus": self.nr_vcpus,
+            "upgrades": len(self.downtimes),
+            "rolled_back": sum(d.rolled_back for d in self.downtimes),
+            "downtime_ms": _percentiles(ms),
+            "phases_p50_ms": phases,
+            "raised": self.raises,
+            "deliveries": self.deliveries,
+            "acked": self.acked,
+            "lost": self.report.lost,
+            "spurious": self.report.spurious,
+            "duplicated": self.report.duplicated,
+        }
+
+
+def _percentiles(xs: list[float]) -> dict[str, float]:
+    if not xs:
+        return {}
+
+    def pct(p: float) -> float:
+        return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
+
+    return {"p50": pct(50), "p99": pct(99), "max": xs[-1], "min": xs[0]}
+
+
+def upgrade(  # noqa: PLR0917 - the run's parameters, passed through
+    old: VmmHandle,
+    zygote: Zygote,
+    strategy: str,
+    vapic: int,
+    opts: Optimisations,
+    fail: str | None = None,
+    in_window: Callable[[], None] | None = None,
+) -> tuple[VmmHandle, Downtime]:
+    """Move from ``old`` to a new VMM; if the new one fails, roll back to ``old``.
+
+    ``in_window`` is called once the old VMM has saved and before the new
+    one runs (a test raises an interrupt there: it must not be lost).
+
+    Returns the VMM that runs afterwards and the upgrade's stamps. ``fail``
+    injects a fault: ``start`` (the new VMM dies before it prepares),
+    ``load`` (it dies half-way through loading the state) or ``old`` (the
+    old VMM preserves everything in a session and is killed after the save;
+    the new one, started after it, completes from the session).
+    """
+    if fail == "old":
+        return _upgrade_old_dies(old, zygote, strategy, vapic, opts)
+    new: VmmHandle | None = None
+    stamps: dict[str, float] | None = None
+    started_in_window = 0.0
+
+    def start_new() -> VmmHandle:
+        h = zygote.spawn(strategy, vapic, opts)
+        if fail == "start":
+            h.kill()
+        reply, got = old.call("export")
+        try:
+            h.call("prepare", got, manifest=reply["manifest"])
+        finally:
+            for fd in got:
+                os.close(fd)
+        return h
+
+    try:
+        if opts.prestart:
+            new = start_new()
+        old.send("pause_save")
+        if new is not None and opts.concurrent:
+            new.send("takeover", fail=fail)
+        stamps = old.recv("pause_save")[0]["t"]
+        if in_window is not None:
+            in_window()
+        if new is None:
+            t_start = time.monotonic()
+            new = start_new()
+            started_in_window = time.monotonic() - t_start
+            new.send("takeover", fail=fail)
+        elif not opts.concurrent:
+            new.send("takeover", fail=fail)
+        took = new.recv("takeover")[0]["t"]
+    except VmmError as e:
+        if e.handle is old:
+            raise
+        print(f"kvmlu upgrade: rolling back: {e}", file=sys.stderr)
+        if new is not None:
+            new.kill()
+        if stamps is None:  # the old VMM never paused: no downtime at all
+            now = time.monotonic()
+            return old, Downtime(now, now, now, now, now, rolled_back=True)
+        r = old.call("resume")[0]["t"]
+        return old, Downtime(
+            stamps["pause"],
+            stamps["suspended"],
+            stamps["saved"],
+            r["resume"],
+            r["running"],
+            rolled_back=True,
+        )
+    dt = Downtime(
+        stamps["pause"],
+        stamps["suspended"],
+        stamps["saved"],
+        took["loaded"],
+        took["running"],
+        started_in_window=started_in_window,
+    )
+    return new, dt
+
+
+def _upgrade_old_dies(
+    old: VmmHandle, zygote: Zygote, strategy: str, vapic: int, opts: Optimisations
+) -> tuple[VmmHandle, Downtime]:
+    """The old VMM saves, preserves everything in a session and is killed; the
+    new one is started afterwards and completes from the session."""
+    name = f"kvmlu-upgrade-{old.pid}"
+    stamps = old.call("pause_save")[0]["t"]
+    old.call("preserve", name=name)
+    old.final = old.call("stop", drain=False)[0]  # what it delivered, before it dies
+    old.kill()
+    t_start = time.monotonic()
+    new = zygote.spawn(strategy, vapic, opts)
+    new.call("prepare_session", name=name)
+    started = time.monotonic() - t_start
+    took = new.call("takeover")[0]["t"]
+    dt = Downtime(
+        stamps["pause"],
+        stamps["suspended"],
+        stamps["saved"],
+        took["loaded"],
+        took["running"],
+        started_in_window=started,
+    )
+    return new, dt
+
+
+def _wait_raises(raiser: Raiser, n: int) -> None:
+    """Until the device has raised ``n`` more interrupts."""
+    target = len(raiser.raises) + n
+    deadline = time.monotonic() + LAND_TIMEOUT * n
+    while len(raiser.raises) < target:
+        if raiser.error:
+            raise RuntimeError(raiser.error)
+        if time.monotonic() > deadline:
+            raise TimeoutError("the device raised nothing")
+        time.sleep(0.001)
+
+
+def run(
+    edus: list[Edu],
+    nr_vcpus: int,
+    strategy: str,
+    opts: Optimisations,
+    upgrades: int,
+    *,
+    vapic: int = 2,
+    faults: dict[int, str] | None = None,
+    between: int = 3,
+    raise_in_window: bool = False,
+) -> RunResult:
+    """``upgrades`` upgrades in a row under a stream of MSIs, then the checker.
+
+    ``faults`` maps an upgrade's index to the fault injected into it;
+    ``between`` is how many interrupts the device raises between upgrades;
+    ``raise_in_window`` raises one more in every upgrade while no VMM runs.
+    """
+    faults = faults or {}
+    targets = targets_for(nr_vcpus, len(edus))
+    zygote = Zygote()
+    raiser = Raiser(edus, targets)
+    log: list[list[Any]] = []
+    downtimes: list[Downtime] = []
+    acked = 0
+    vmm = zygote.spawn(strategy, vapic, opts)
+    try:
+        vmm.call("setup", [e.vfio.fd for e in edus], targets=targets, nr_vcpus=nr_vcpus)
+        raiser.start()
+        for i in range(upgrades):
+            _wait_raises(raiser, between)
+            hook = (lambda k=i: raiser.raise_one(k % len(edus))) if raise_in_window else None
+            new, dt = upgrade(vmm, zygote, strategy, vapic, opts, faults.get(i), hook)
+            downtimes.append(dt)
+            if new is not vmm:
+                reply = vmm.final or vmm.call("stop", drain=False)[0]
+                log += reply["log"]
+                acked += reply["acked"]
+                if vmm.final is None:
+                    vmm.call("release")
+                    vmm.close()
+                vmm = new
+        _wait_raises(raiser, between)
+    finally:
+        raiser.stop()
+        try:
+            reply = vmm.call("stop", drain=True)[0]
+            log += reply["log"]
+            acked += reply["acked"]
+            vmm.call("release")
+        finally:
+            vmm.close()
+            zygote.close()
+    fetches = [Fetch(t, v, frozenset(vecs), side, end) for t, end, v, vecs, side in log]
+    report = check(raiser.raises, fetches)
+    return RunResult(
+        strategy,
+        opts.label(),
+        nr_vcpus,
+        downtimes,
+        report,
+        len(raiser.raises),
+        len(log),
+        acked,
+        (raiser.raises, fetches),
+    )
+
+
+def open_edus(n: int) -> list[Edu]:
+    bdfs = find_vfio_edu()
+    if len(bdfs) < n:
+        raise RuntimeError(f"{n} edu functions bound to vfio-pci needed, found {bdfs}")
+    return [Edu(b) for b in bdfs[:n]]
+
+
+def close_edus(edus: list[Edu]) -> None:
+    for e in edus:
+        try:
+            e.disable_msi()
+        finally:
+            e.close()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strategy", choices=STRATEGIES, default="shared")
+    p.add_argument("--vcpus", type=int, default=8, metavar="V")
+    p.add_argument("--upgrades", type=int, default=10, metavar="N")
+    p.add_argument("--edu", type=int, default=3, metavar="N", help="edu functions to use")
+    p.add_argument("--vapic", type=int, choices=(1, 2), default=2)
+    p.add_argument(
+        "--optimisations",
+        default="all",
+        metavar="SPEC",
+        help="all, none, or no-prestart,no-concurrent,no-keep-eventfds (default: all)",
+    )
+    p.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="I:KIND",
+        help="inject KIND (start, load, old) into upgrade I (repeatable)",
+    )
+    p.add_argument("--json", type=Path, help="write the result here")
+    p.add_argument("--log", type=Path, help="write the timeline here (for kvmlu check)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """``kvmlu upgrade``: run the upgrades, print downtime and the checker's verdict."""
+    faults = {}
+    for item in args.fault:
+        i, _, kind = item.partition(":")
+        if kind not in ("start", "load", "old"):
+            raise SystemExit(f"--fault {item!r}: expected I:start, I:load or I:old")
+        faults[int(i)] = kind
+    opts = Optimisations.parse(args.optimisations)
+    edus = open_edus(args.edu)
+    try:
+        result = run(
+            edus, args.vcpus, args.strategy, opts, args.upgrades, vapic=args.vapic, faults=faults
+        )
+    finally:
+        close_edus(edus)
+    s = result.summary()
+    d = s["downtime_ms"]
+    print(
+        f"{args.strategy}, optimisations {s['optimisations']}, {args.vcpus} vCPUs: "
+        f"{s['upgrades']} upgrades ({s['rolled_back']} rolled back)"
+    )
+    if d:
+        print(f"vCPU downtime: p50 {d['p50']:.2f} ms, p99 {d['p99']:.2f} ms, max {d['max']:.2f} ms")
+        print(
+            "  phases (p50): " + ", ".join(f"{k} {v:.2f} ms" for k, v in s["phases_p50_ms"].items())
+        )
+    print(f"device raised {s['raised']}, vCPUs synced {s['deliveries']} times, acked {s['acked']}")
+    text = result.report.text()
+    print(text if not result.report.ok else text.splitlines()[-1])
+    if args.log:
+        dump_log(str(args.log), *result.timeline, None)
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "summary": s,
+                    "downtimes": [asdict(x) for x in result.downtimes],
+                    "report": result.report.to_json(),
+                },
+                indent=1,
+            )
+        )
+    return 0 if result.report.ok else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--zygote":
+        sys.exit(zygote_main(int(sys.argv[2])))
+    _p = argparse.ArgumentParser(prog="python -m pyctl.upgrade", description=__doc__.split("\n")[0])
+    add_arguments(_p)
+    sys.exit(main(_p.parse_args()))
