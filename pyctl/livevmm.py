@@ -347,8 +347,12 @@ class LiveVmm:
             self.state_fd = os.memfd_create("kvmlu-upgrade-state", os.MFD_CLOEXEC)
             self.ready_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_SEMAPHORE)
 
-    def pause_save(self) -> dict[str, float]:
-        """Suspend, then save into the state memfd, signalling each part."""
+    def pause_save(self, hold: bool = False) -> dict[str, float]:
+        """Suspend, then save into the state memfd, signalling each part.
+
+        ``hold`` (tests) keeps the last signal back until :meth:`let_go`, so
+        that the controller can act while neither VMM runs.
+        """
         assert self.table is not None and self.vapic is not None
         t0 = time.monotonic()
         # The notification eventfds are closed below unless kept: no thread may
@@ -377,12 +381,19 @@ class LiveVmm:
         blob = self.vapic.save()
         os.pwrite(self.state_fd, _HDR.pack(len(blob), 0) + blob, 0)
         os.eventfd_write(self.ready_fd, 1)
+        t_blob = time.monotonic()
         config = b"".join(_read_config(d) for d in self.devices)
         os.pwrite(self.state_fd, config, _HDR.size + len(blob))
         os.pwrite(self.state_fd, _HDR.pack(len(blob), len(config)), 0)
+        t2 = time.monotonic()  # before the signal: the new VMM may run at once
+        if not hold:
+            os.eventfd_write(self.ready_fd, 1)
+        return {"pause": t0, "suspended": t1, "vapic_saved": t_blob, "saved": t2}
+
+    def let_go(self) -> None:
+        """The last signal that :meth:`pause_save` held back."""
+        assert self.ready_fd is not None
         os.eventfd_write(self.ready_fd, 1)
-        t2 = time.monotonic()
-        return {"pause": t0, "suspended": t1, "saved": t2}
 
     def resume(self) -> dict[str, float]:
         """Rollback: take back what the pause gave up and run again."""
@@ -447,7 +458,9 @@ class LiveVmm:
         config = os.pread(self.state_fd, config_len, _HDR.size + blob_len)
         for i, d in enumerate(self.devices):
             saved = config[i * CONFIG_BYTES : (i + 1) * CONFIG_BYTES]
-            if saved[:4] != _read_config(d)[:4]:
+            # The VMM's copy of config space is the saved one; the device
+            # must be the one it was saved from (vendor and device ID).
+            if saved[:4] != _read_config(d, 4):
                 raise RuntimeError(f"device {i}: saved state is of another device")
         t_loaded = time.monotonic()
         if self.strategy == "naive":
@@ -516,9 +529,9 @@ class LiveVmm:
         self.bindings, self.devices, self.msi, self.notify = [], [], [], []
 
 
-def _read_config(d: VfioPciDevice) -> bytes:
-    """The device's standard config header, in one read."""
-    return d.read_config(0, CONFIG_BYTES).to_bytes(CONFIG_BYTES, "little")
+def _read_config(d: VfioPciDevice, size: int = CONFIG_BYTES) -> bytes:
+    """The device's standard config header (or its first ``size`` bytes), in one read."""
+    return d.read_config_bytes(0, size)
 
 
 def _handle(vmm: LiveVmm, msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
@@ -530,7 +543,8 @@ def _handle(vmm: LiveVmm, msg: dict[str, Any], fds: list[int]) -> tuple[dict[str
     actions: dict[str, Any] = {
         "setup": lambda: vmm.setup(fds, msg["targets"], int(msg["nr_vcpus"])),
         "prepare": lambda: {"t": vmm.prepare(msg["manifest"], fds)},
-        "pause_save": lambda: {"t": vmm.pause_save()},
+        "pause_save": lambda: {"t": vmm.pause_save(bool(msg.get("hold")))},
+        "let_go": vmm.let_go,
         "takeover": lambda: {"t": vmm.takeover(msg.get("fail"))},
         "resume": lambda: {"t": vmm.resume()},
         "preserve": lambda: vmm.preserve(msg["name"]),

@@ -45,6 +45,7 @@ from typing import Any
 
 from pyctl.check import Fetch, Raise, Report, check, dump_log
 from pyctl.edu import Edu, find_vfio_edu
+from pyctl.errors import KvmluError
 from pyctl.livevmm import STRATEGIES, LiveVmm, Optimisations, serve
 from pyctl.vmm import recv_msg, send_msg
 
@@ -83,7 +84,10 @@ class VmmHandle:
         self.ctl.settimeout(REPLY_TIMEOUT)
 
     def send(self, cmd: str, fds: Sequence[int] = (), **kw: Any) -> None:
-        send_msg(self.ctl, {"cmd": cmd, **kw}, fds)
+        try:
+            send_msg(self.ctl, {"cmd": cmd, **kw}, fds)
+        except OSError as e:
+            raise VmmError(f"{cmd}: the VMM (pid {self.pid}) went away: {e}", self) from e
 
     def recv(self, what: str) -> tuple[dict[str, Any], list[int]]:
         try:
@@ -204,7 +208,9 @@ class Raiser:
     error: str | None = None
 
     def __post_init__(self) -> None:
-        self._lock = threading.Lock()  # one raise in flight: landing is told by a count
+        # One raise in flight: landing is told by a count. Reentrant, so that
+        # a controller that holds it to keep the device quiet may still raise.
+        self.lock = threading.RLock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -231,7 +237,7 @@ class Raiser:
 
     def raise_one(self, k: int) -> None:
         """Raise device ``k``'s MSI and wait until it has landed (any thread)."""
-        with self._lock:
+        with self.lock:
             self._raise_one(k)
 
     def _raise_one(self, k: int) -> None:
@@ -243,6 +249,9 @@ class Raiser:
         while msi_count(edu.bdf) == before:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the MSI of {edu.bdf} did not land")
+            # Poll gently: a spinning device thread would take a guest CPU
+            # from the VMMs. The stamp is late by this much at most.
+            time.sleep(0.0002)
         self.raises.append(Raise(time.monotonic(), *self.targets[k], issued=issued))
 
 
@@ -344,7 +353,8 @@ def upgrade(  # noqa: PLR0917 - the run's parameters, passed through
     """Move from ``old`` to a new VMM; if the new one fails, roll back to ``old``.
 
     ``in_window`` is called once the old VMM has saved and before the new
-    one runs (a test raises an interrupt there: it must not be lost).
+    one may run (a test raises an interrupt there): the old VMM holds its
+    last "saved" signal back until it returns, which costs a round trip.
 
     Returns the VMM that runs afterwards and the upgrade's stamps. ``fail``
     injects a fault: ``start`` (the new VMM dies before it prepares),
@@ -361,7 +371,7 @@ def upgrade(  # noqa: PLR0917 - the run's parameters, passed through
     def start_new() -> VmmHandle:
         h = zygote.spawn(strategy, vapic, opts)
         if fail == "start":
-            h.kill()
+            os.kill(h.pid, signal.SIGKILL)  # dies before it could prepare
         reply, got = old.call("export")
         try:
             h.call("prepare", got, manifest=reply["manifest"])
@@ -373,12 +383,13 @@ def upgrade(  # noqa: PLR0917 - the run's parameters, passed through
     try:
         if opts.prestart:
             new = start_new()
-        old.send("pause_save")
+        old.send("pause_save", hold=in_window is not None)
         if new is not None and opts.concurrent:
             new.send("takeover", fail=fail)
         stamps = old.recv("pause_save")[0]["t"]
         if in_window is not None:
             in_window()
+            old.call("let_go")
         if new is None:
             t_start = time.monotonic()
             new = start_new()
@@ -465,12 +476,14 @@ def run(
     faults: dict[int, str] | None = None,
     between: int = 3,
     raise_in_window: bool = False,
+    quiet_upgrades: bool = False,
 ) -> RunResult:
     """``upgrades`` upgrades in a row under a stream of MSIs, then the checker.
 
     ``faults`` maps an upgrade's index to the fault injected into it;
     ``between`` is how many interrupts the device raises between upgrades;
-    ``raise_in_window`` raises one more in every upgrade while no VMM runs.
+    ``raise_in_window`` raises one more in every upgrade while no VMM runs;
+    ``quiet_upgrades`` keeps the device stream from raising during upgrades.
     """
     faults = faults or {}
     targets = targets_for(nr_vcpus, len(edus))
@@ -486,7 +499,8 @@ def run(
         for i in range(upgrades):
             _wait_raises(raiser, between)
             hook = (lambda k=i: raiser.raise_one(k % len(edus))) if raise_in_window else None
-            new, dt = upgrade(vmm, zygote, strategy, vapic, opts, faults.get(i), hook)
+            with raiser.lock if quiet_upgrades else contextlib.nullcontext():
+                new, dt = upgrade(vmm, zygote, strategy, vapic, opts, faults.get(i), hook)
             downtimes.append(dt)
             if new is not vmm:
                 reply = vmm.final or vmm.call("stop", drain=False)[0]
@@ -532,7 +546,8 @@ def open_edus(n: int) -> list[Edu]:
 def close_edus(edus: list[Edu]) -> None:
     for e in edus:
         try:
-            e.disable_msi()
+            with contextlib.suppress(KvmluError):  # EINVAL if no VMM enabled MSI
+                e.disable_msi()
         finally:
             e.close()
 
@@ -555,6 +570,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="I:KIND",
         help="inject KIND (start, load, old) into upgrade I (repeatable)",
+    )
+    p.add_argument(
+        "--raise-in-window",
+        action="store_true",
+        help="raise one more MSI in every upgrade while no VMM runs (costs a round trip)",
     )
     p.add_argument("--json", type=Path, help="write the result here")
     p.add_argument("--log", type=Path, help="write the timeline here (for kvmlu check)")

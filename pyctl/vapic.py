@@ -51,6 +51,7 @@ class Vapic(_FdObject):
     def __init__(self, fd: int, version: int) -> None:
         super().__init__(fd)
         self.version = version
+        self._blob_size: dict[int, int] = {}  # format -> size, from the last save
 
     def __repr__(self) -> str:
         return f"<Vapic v{self.version} fd={self._fd}>"
@@ -82,14 +83,21 @@ class Vapic(_FdObject):
         return self._vcpu(lib.KVMLU_VAPIC_GET, vcpu)
 
     def save(self, format: int = 0) -> bytes:
-        """The whole state as a blob in this module's format, or an older ``format``."""
-        arg = new_arg("kvmlu_vapic_save", format=format)
-        try:
-            ioctl(self.fd, lib.KVMLU_VAPIC_SAVE, arg)
-        except OSError as e:
-            if e.errno != errno.ENOSPC:  # now we know the size
-                raise
-        buf = ffi.new("char[]", int(arg.blob_size))
+        """The whole state as a blob in this module's format, or an older ``format``.
+
+        The first save of a format asks the size first; later ones do not (a
+        vAPIC's size never changes), so a save in an upgrade is one ioctl.
+        """
+        size = self._blob_size.get(format)
+        if size is None:
+            arg = new_arg("kvmlu_vapic_save", format=format)
+            try:
+                ioctl(self.fd, lib.KVMLU_VAPIC_SAVE, arg)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:  # now we know the size
+                    raise
+            size = self._blob_size[format] = int(arg.blob_size)
+        buf = ffi.new("char[]", size)
         arg = new_arg(
             "kvmlu_vapic_save",
             buf=int(ffi.cast("uintptr_t", buf)),

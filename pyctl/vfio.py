@@ -81,6 +81,7 @@ class VfioPciDevice(Closing):
         self.group_fd: int | None = group
         self.device_fd: int | None = device
         self._maps: list[mmap.mmap] = []
+        self._config_offset: int | None = None
 
     @classmethod
     def open(cls, bdf: str) -> VfioPciDevice:
@@ -139,14 +140,20 @@ class VfioPciDevice(Closing):
         ioctl(self.fd, lib.VFIO_DEVICE_GET_IRQ_INFO, info, "VFIO_DEVICE_GET_IRQ_INFO")
         return int(info.count)
 
+    def _config(self) -> int:
+        """Where config space is in the device fd (asked once)."""
+        if self._config_offset is None:
+            self._config_offset = self.region(lib.VFIO_PCI_CONFIG_REGION_INDEX).offset
+        return self._config_offset
+
+    def read_config_bytes(self, offset: int, size: int) -> bytes:
+        return os.pread(self.fd, size, self._config() + offset)
+
     def read_config(self, offset: int, size: int) -> int:
-        cfg = self.region(lib.VFIO_PCI_CONFIG_REGION_INDEX)
-        data = os.pread(self.fd, size, cfg.offset + offset)
-        return int.from_bytes(data, "little")
+        return int.from_bytes(self.read_config_bytes(offset, size), "little")
 
     def write_config(self, offset: int, size: int, value: int) -> None:
-        cfg = self.region(lib.VFIO_PCI_CONFIG_REGION_INDEX)
-        os.pwrite(self.fd, value.to_bytes(size, "little"), cfg.offset + offset)
+        os.pwrite(self.fd, value.to_bytes(size, "little"), self._config() + offset)
 
     def enable_bus_master(self) -> None:
         """Set memory decoding and bus mastering: a device sends no MSI without them."""

@@ -38,6 +38,7 @@ def upgrade_run(
     upgrades: int = UPGRADES,
     vapic: int = 2,
     faults: dict[int, str] | None = None,
+    quiet: bool = False,
 ) -> RunResult:
     return run(
         edus,
@@ -48,6 +49,7 @@ def upgrade_run(
         vapic=vapic,
         faults=faults,
         raise_in_window=True,
+        quiet_upgrades=quiet,
     )
 
 
@@ -91,7 +93,9 @@ def test_naive_loses_what_lands_in_the_window(edus: list[Edu]) -> None:
 
 
 def test_inject_invents_interrupts(edus: list[Edu]) -> None:
-    r = upgrade_run(edus, "inject")
+    # Quiet upgrades: only the window's raise is pending, so at least two of
+    # the three injected vectors stand for nothing the device raised.
+    r = upgrade_run(edus, "inject", quiet=True)
     assert r.report.lost == 0, r.report.text()
     assert r.report.spurious + r.report.duplicated > 0, r.report.text()
 
