@@ -28,6 +28,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import time
 from collections.abc import Iterator
@@ -35,11 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from pyctl.livevmm import STRATEGIES, Optimisations
-from pyctl.upgrade import close_edus, exec_startup, open_edus, run
+from pyctl.upgrade import Downtime, close_edus, exec_startup, open_edus, run
 from pyctl.vm import SCRATCH_SERIAL
 
 WORKLOADS = ("idle", "cpu", "memory", "disk")
-ABLATIONS = ("no-prestart", "no-concurrent", "no-keep-eventfds")
+ABLATIONS = ("no-prestart", "no-concurrent", "no-keep-eventfds", "no-realtime")
 
 
 def scratch_disk() -> str:
@@ -117,6 +118,18 @@ def configs(
                 if ablate and s == "shared" and v == max(vcpus):
                     out += [(v, w, s, a) for a in ABLATIONS]
     return out
+
+
+def stamps_p50(downtimes: list[Downtime]) -> dict[str, float]:
+    """Median of every stamp of both VMMs, in ms from the pause: where the time goes."""
+    rows = [d.detail for d in downtimes if d.detail and not d.rolled_back]
+    keys = sorted(
+        {k for r in rows for k in r},
+        key=lambda k: statistics.median(r[k] - r["old_pause"] for r in rows if k in r),
+    )
+    return {
+        k: statistics.median((r[k] - r["old_pause"]) * 1e3 for r in rows if k in r) for k in keys
+    }
 
 
 def environment() -> dict[str, Any]:
@@ -241,8 +254,19 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def merge(paths: list[str]) -> dict[str, Any]:
+    """Several bench JSON files of one VM run as one document (runs in order)."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    doc = dict(docs[0])
+    doc["runs"] = [r for d in docs for r in d["runs"]]
+    doc["exec_startup_s"] = [x for d in docs for x in d["exec_startup_s"]]
+    return doc
+
+
 def report(args: argparse.Namespace) -> int:
-    doc = json.loads(Path(args.json).read_text())
+    doc = merge(args.json)
+    if args.merged:
+        Path(args.merged).write_text(json.dumps(doc, indent=1))
     text = table(doc)
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
@@ -263,6 +287,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_report_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("json", help="what kvmlu bench upgrade wrote")
+    p.add_argument("json", nargs="+", help="what kvmlu bench upgrade wrote (one or more)")
+    p.add_argument("--merged", metavar="PATH", help="write the runs of all of them here")
     p.add_argument("--markdown", metavar="PATH", help="write the table here")
     p.add_argument("--png", metavar="PATH", help="write the plot here")

@@ -211,6 +211,7 @@ class Raiser:
         # One raise in flight: landing is told by a count. Reentrant, so that
         # a controller that holds it to keep the device quiet may still raise.
         self.lock = threading.RLock()
+        self._counters: dict[int, MsiCounter] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -220,6 +221,8 @@ class Raiser:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+        for c in self._counters.values():
+            c.close()
         if self.error:
             raise RuntimeError(self.error)
 
@@ -242,11 +245,12 @@ class Raiser:
 
     def _raise_one(self, k: int) -> None:
         edu = self.edus[k]
-        before = msi_count(edu.bdf)
+        counter = self._counters.setdefault(k, MsiCounter(edu.bdf))
+        before = counter.count()
         issued = time.monotonic()
         edu.raise_irq()
         deadline = issued + LAND_TIMEOUT
-        while msi_count(edu.bdf) == before:
+        while counter.count() == before:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the MSI of {edu.bdf} did not land")
             # Poll gently: a spinning device thread would take a guest CPU
@@ -255,13 +259,48 @@ class Raiser:
         self.raises.append(Raise(time.monotonic(), *self.targets[k], issued=issued))
 
 
-def msi_count(bdf: str) -> int:
-    """How many MSIs of ``bdf`` the host has handled, from /proc/interrupts."""
+def msi_irq(bdf: str) -> int | None:
+    """The Linux IRQ of ``bdf``'s VFIO MSI, from /proc/interrupts (None: not enabled)."""
     with open("/proc/interrupts") as f:
         for line in f:
             if bdf in line and "vfio-msi" in line:
-                return sum(int(x) for x in line.split()[1:] if x.isdigit())
-    return 0
+                return int(line.split(":", 1)[0])
+    return None
+
+
+class MsiCounter:
+    """How many MSIs of a device the host has handled.
+
+    It reads /sys/kernel/irq/N/per_cpu_count: a few bytes, where
+    /proc/interrupts formats every IRQ of every CPU, which under TCG costs a
+    guest CPU when polled. The IRQ stays the same while MSI stays enabled
+    (re-programming the eventfd keeps it); it is looked up again otherwise.
+    """
+
+    def __init__(self, bdf: str) -> None:
+        self.bdf = bdf
+        self._fd: int | None = None
+
+    def _open(self) -> int:
+        irq = msi_irq(self.bdf)
+        if irq is None:
+            raise RuntimeError(f"{self.bdf}: no VFIO MSI enabled")
+        self._fd = os.open(f"/sys/kernel/irq/{irq}/per_cpu_count", os.O_RDONLY | os.O_CLOEXEC)
+        return self._fd
+
+    def count(self) -> int:
+        fd = self._fd if self._fd is not None else self._open()
+        try:
+            data = os.pread(fd, 4096, 0)
+        except OSError:
+            self.close()
+            data = os.pread(self._open(), 4096, 0)
+        return sum(int(x) for x in data.split(b","))
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 @dataclass
@@ -275,6 +314,7 @@ class Downtime:
     running: float
     rolled_back: bool = False
     started_in_window: float = 0.0  # seconds spent starting the new VMM after the save
+    detail: dict[str, float] = field(default_factory=dict)  # every stamp, both sides
 
     @property
     def total_ms(self) -> float:
@@ -383,9 +423,11 @@ def upgrade(  # noqa: PLR0917 - the run's parameters, passed through
     try:
         if opts.prestart:
             new = start_new()
-        old.send("pause_save", hold=in_window is not None)
         if new is not None and opts.concurrent:
+            # First: it only waits for the old VMM's signals, and the old
+            # VMM, once paused, must not wait for the controller to get a CPU.
             new.send("takeover", fail=fail)
+        old.send("pause_save", hold=in_window is not None)
         stamps = old.recv("pause_save")[0]["t"]
         if in_window is not None:
             in_window()
@@ -423,6 +465,10 @@ def upgrade(  # noqa: PLR0917 - the run's parameters, passed through
         took["loaded"],
         took["running"],
         started_in_window=started_in_window,
+        detail={
+            **{f"old_{k}": v for k, v in stamps.items()},
+            **{f"new_{k}": v for k, v in took.items()},
+        },
     )
     return new, dt
 
@@ -477,18 +523,20 @@ def run(
     between: int = 3,
     raise_in_window: bool = False,
     quiet_upgrades: bool = False,
+    interval: float = 0.0,
 ) -> RunResult:
     """``upgrades`` upgrades in a row under a stream of MSIs, then the checker.
 
     ``faults`` maps an upgrade's index to the fault injected into it;
     ``between`` is how many interrupts the device raises between upgrades;
     ``raise_in_window`` raises one more in every upgrade while no VMM runs;
-    ``quiet_upgrades`` keeps the device stream from raising during upgrades.
+    ``quiet_upgrades`` keeps the device stream from raising during upgrades;
+    ``interval`` is the device's pause between two raises (0: back to back).
     """
     faults = faults or {}
     targets = targets_for(nr_vcpus, len(edus))
     zygote = Zygote()
-    raiser = Raiser(edus, targets)
+    raiser = Raiser(edus, targets, interval)
     log: list[list[Any]] = []
     downtimes: list[Downtime] = []
     acked = 0
@@ -562,7 +610,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--optimisations",
         default="all",
         metavar="SPEC",
-        help="all, none, or no-prestart,no-concurrent,no-keep-eventfds (default: all)",
+        help="all, none, or all but some: no-prestart,no-concurrent,no-keep-eventfds,"
+        "no-realtime (default: all)",
     )
     p.add_argument(
         "--fault",
@@ -570,6 +619,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="I:KIND",
         help="inject KIND (start, load, old) into upgrade I (repeatable)",
+    )
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="pause between two raises of the device stream (default: none)",
     )
     p.add_argument(
         "--raise-in-window",

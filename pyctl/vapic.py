@@ -82,12 +82,8 @@ class Vapic(_FdObject):
     def get(self, vcpu: int) -> VapicState:
         return self._vcpu(lib.KVMLU_VAPIC_GET, vcpu)
 
-    def save(self, format: int = 0) -> bytes:
-        """The whole state as a blob in this module's format, or an older ``format``.
-
-        The first save of a format asks the size first; later ones do not (a
-        vAPIC's size never changes), so a save in an upgrade is one ioctl.
-        """
+    def blob_size(self, format: int = 0) -> int:
+        """The size of a saved blob in ``format`` (asked once: it never changes)."""
         size = self._blob_size.get(format)
         if size is None:
             arg = new_arg("kvmlu_vapic_save", format=format)
@@ -97,25 +93,39 @@ class Vapic(_FdObject):
                 if e.errno != errno.ENOSPC:  # now we know the size
                     raise
             size = self._blob_size[format] = int(arg.blob_size)
-        buf = ffi.new("char[]", size)
+        return size
+
+    def save_into(self, buf: Any, format: int = 0) -> int:
+        """Save into the writable buffer ``buf`` (a shared mapping, say); the size.
+
+        After the first call of a format this is one ioctl and no copy in
+        Python: the kernel writes straight into ``buf``.
+        """
+        cbuf = ffi.from_buffer(buf, require_writable=True)
         arg = new_arg(
             "kvmlu_vapic_save",
-            buf=int(ffi.cast("uintptr_t", buf)),
-            buf_len=len(buf),
+            buf=int(ffi.cast("uintptr_t", cbuf)),
+            buf_len=len(cbuf),
             format=format,
         )
         ioctl(self.fd, lib.KVMLU_VAPIC_SAVE, arg)
-        return bytes(ffi.buffer(buf, int(arg.blob_size)))
+        return int(arg.blob_size)
 
-    def load(self, blob: bytes, *, clear_pir: bool = False) -> None:
-        """Replace the state from ``blob``. PIR is never touched, unless the test-only
-        ``clear_pir`` asks for upstream KVM's behaviour (module must allow it)."""
+    def save(self, format: int = 0) -> bytes:
+        """The whole state as a blob in this module's format, or an older ``format``."""
+        buf = bytearray(self.blob_size(format))
+        return bytes(buf[: self.save_into(buf, format)])
+
+    def load(self, blob: Any, *, clear_pir: bool = False) -> None:
+        """Replace the state from ``blob`` (bytes or any buffer, a shared mapping
+        too). PIR is never touched, unless the test-only ``clear_pir`` asks for
+        upstream KVM's behaviour (module must allow it)."""
         buf = ffi.from_buffer(blob)
         arg = new_arg(
             "kvmlu_vapic_load",
             flags=lib.KVMLU_VAPIC_LOAD_CLEAR_PIR if clear_pir else 0,
             buf=int(ffi.cast("uintptr_t", buf)),
-            buf_len=len(blob),
+            buf_len=len(buf),
         )
         ioctl(self.fd, lib.KVMLU_VAPIC_LOAD, arg)
 
