@@ -1,0 +1,100 @@
+"""The upgrade's pure parts: optimisation specs, downtime phases, the bench matrix and report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pyctl.bench_upgrade import ABLATIONS, configs, merge, ratios, table
+from pyctl.livevmm import Optimisations
+from pyctl.upgrade import Downtime, targets_for
+
+
+def test_optimisation_specs() -> None:
+    assert Optimisations.parse("all") == Optimisations()
+    assert Optimisations.parse("none") == Optimisations(False, False, False, False)
+    o = Optimisations.parse("no-prestart,no-keep-eventfds")
+    assert (o.prestart, o.concurrent, o.keep_eventfds, o.realtime) == (False, True, False, True)
+    for spec in ["all", "none", "no-prestart", "no-concurrent,no-realtime", "no-realtime"]:
+        assert Optimisations.parse(Optimisations.parse(spec).label()) == Optimisations.parse(spec)
+
+
+@pytest.mark.parametrize("bad", ["", "prestart", "no-warp", "all,no-prestart", "no-"])
+def test_bad_optimisation_specs(bad: str) -> None:
+    with pytest.raises(ValueError):
+        Optimisations.parse(bad)
+
+
+def test_phases_add_up_to_the_downtime() -> None:
+    d = Downtime(pause=1.0, suspended=1.001, saved=1.004, loaded=1.006, running=1.007)
+    ph = d.phases_ms()
+    assert ph == pytest.approx({"suspend": 1, "save": 3, "load": 2, "startup": 1})
+    assert sum(ph.values()) == pytest.approx(d.total_ms) == pytest.approx(7)
+
+
+def test_startup_in_the_window_is_not_load() -> None:
+    # No prestart: 50 ms of starting the new VMM after the save, then 2 ms of load.
+    d = Downtime(1.0, 1.001, 1.004, 1.056, 1.057, started_in_window=0.05)
+    ph = d.phases_ms()
+    assert ph["load"] == pytest.approx(2) and ph["startup"] == pytest.approx(51)
+    assert sum(ph.values()) == pytest.approx(d.total_ms)
+
+
+def test_concurrent_load_that_ends_with_the_save_has_no_load_phase() -> None:
+    d = Downtime(1.0, 1.001, 1.004, 1.003, 1.005)
+    assert d.phases_ms()["load"] == pytest.approx(0)
+
+
+def test_targets() -> None:
+    assert targets_for(8, 3) == [(0, 0x41), (3, 0x62), (7, 0x73)]
+    assert [v for v, _ in targets_for(64, 3)] == [0, 31, 63]
+
+
+def test_matrix_order_and_ablations() -> None:
+    c = configs([8, 88], ["idle"], ["naive", "shared"], ablate=True)
+    assert c[:2] == [(8, "idle", "naive", "all"), (8, "idle", "naive", "none")]
+    assert [o for v, _, s, o in c if v == 88 and s == "shared"] == ["all", "none", *ABLATIONS]
+    assert not [o for v, _, s, o in c if v == 8 and o in ABLATIONS]
+    assert len(configs([8, 64, 88], ["idle", "cpu", "memory", "disk"], ["shared"], False)) == 24
+
+
+def run(v: int, s: str, o: str, p50: float, lost: int = 0) -> dict[str, object]:
+    return {
+        "vcpus": v,
+        "workload": "idle",
+        "strategy": s,
+        "optimisations": o,
+        "downtime_ms": {"p50": p50, "p99": p50 * 2, "max": p50 * 3, "min": p50 / 2},
+        "phases_p50_ms": {"suspend": 1.0, "save": 2.0, "load": 3.0, "startup": p50 - 6},
+        "lost": lost,
+        "spurious": 0,
+        "duplicated": 0,
+        "downtimes_ms": [p50],
+    }
+
+
+def test_ratios_are_against_the_unoptimised_run_of_the_same_configuration(tmp_path: Path) -> None:
+    doc = {
+        "runs": [
+            run(88, "shared", "all", 10),
+            run(88, "shared", "none", 800),
+            run(88, "naive", "all", 20, lost=5),
+            run(88, "naive", "none", 100, lost=9),
+            run(8, "shared", "all", 8),
+        ],
+        "exec_startup_s": [],
+    }
+    r = ratios(doc)
+    assert r[(88, "idle", "shared", "all")] == pytest.approx(80)
+    assert r[(88, "idle", "naive", "all")] == pytest.approx(5)
+    assert (8, "idle", "shared", "all") not in r  # no baseline measured
+    text = table(doc)
+    assert "| 88 | idle | shared | all | 10.00 | 20.00 | 30.00 |" in text
+    assert "80.0x" in text and "| 5 | 0 | 0 |" in text
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({**doc, "runs": doc["runs"][:2], "exec_startup_s": [1.5]}))
+    b.write_text(json.dumps({**doc, "runs": doc["runs"][2:], "exec_startup_s": [1.7]}))
+    m = merge([str(a), str(b)])
+    assert m["runs"] == doc["runs"] and m["exec_startup_s"] == [1.5, 1.7]
