@@ -224,6 +224,35 @@ def table(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# The stamps worth a column in "where the time goes", in flow order.
+STAMP_COLUMNS = (
+    ("old_suspended", "old: vCPUs stopped"),
+    ("old_vapic_save", "old: vAPIC saved"),
+    ("old_vapic_saved", "old: ready 1"),
+    ("new_load", "new: woke"),
+    ("new_vapic_loaded", "new: vAPIC loaded"),
+    ("old_saved", "old: devices saved"),
+    ("new_loaded", "new: devices loaded"),
+    ("new_running", "new: gate open"),
+)
+
+
+def stamps_table(doc: dict[str, Any], optimisations: str = "all") -> str:
+    """Median stamps of both VMMs (ms after the pause) for the runs with ``optimisations``."""
+    head = " | ".join(label for _, label in STAMP_COLUMNS)
+    lines = [
+        f"| vCPUs | workload | strategy | {head} |",
+        "|---:|---|---|" + "---:|" * len(STAMP_COLUMNS),
+    ]
+    for r in doc["runs"]:
+        st = r.get("stamps_p50_ms") or {}
+        if r["optimisations"] != optimisations or not st:
+            continue
+        cells = " | ".join(f"{st[k]:.2f}" if k in st else "" for k, _ in STAMP_COLUMNS)
+        lines.append(f"| {r['vcpus']} | {r['workload']} | {r['strategy']} | {cells} |")
+    return "\n".join(lines)
+
+
 def plot(doc: dict[str, Any], path: Path) -> None:
     """Box plots of the downtime distributions: one panel per vCPU count."""
     import matplotlib  # noqa: PLC0415 - only the report needs it
@@ -267,7 +296,8 @@ def report(args: argparse.Namespace) -> int:
     doc = merge(args.json)
     if args.merged:
         Path(args.merged).write_text(json.dumps(doc, indent=1))
-    text = table(doc)
+    text = table(doc) + "\n\nWhere the time goes (median stamps, ms after the pause):\n\n"
+    text += stamps_table(doc)
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
     else:

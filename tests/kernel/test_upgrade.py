@@ -68,7 +68,7 @@ def test_targets_spread_over_the_vcpus() -> None:
 
 
 @pytest.mark.parametrize(
-    "opts", ["all", "none", "no-prestart", "no-concurrent", "no-keep-eventfds"]
+    "opts", ["all", "none", "no-prestart", "no-concurrent", "no-keep-eventfds", "no-realtime"]
 )
 def test_shared_loses_and_invents_nothing(edus: list[Edu], opts: str) -> None:
     r = upgrade_run(edus, "shared", opts)
