@@ -31,7 +31,13 @@ SCM_RIGHTS) and gets one JSON reply. The upgrade's commands, in order:
 ``release`` (old, after a takeover) or ``resume`` (old, rollback)
     hand over for good, or take everything back and run again.
 ``stop``
-    stop the vCPU threads, SYNC every vCPU once more, reply with the log.
+    stop the vCPU threads and reply with the log; with ``drain``, SYNC
+    every vCPU once more first.
+
+Also: ``pause_save`` with ``hold`` keeps the last ready signal back until
+``let_go`` (tests raise an interrupt in between); ``preserve`` puts what
+``export`` would pass into a kvmlu session, and ``prepare_session`` prepares
+from one (the old VMM dies after its save).
 
 Every reply carries the CLOCK_MONOTONIC stamps of the command's phases.
 """

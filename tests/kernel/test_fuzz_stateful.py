@@ -5,6 +5,7 @@ signals each notification eventfd received, the table and binding counters
 and every vAPIC's IRR and ISR with the model. Sessions preserve tables and
 eventfds under tokens; a forked second process retrieves the session and a
 table by token and posts through it, and the parent's mapping must show it.
+One source can be the MSI trigger of an edu device, raised for real.
 vAPICs are swapped between module versions by save and load. Steps include
 bad calls (vCPU and vector values at and past every bound, fds of the wrong
 kind, tokens and names that are taken or missing), whose errno must be the
@@ -17,6 +18,7 @@ model's and which must change nothing. Failures print a replayable program
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -34,11 +36,14 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
+from kutil import wait_readable
 
+from pyctl.edu import Edu, find_vfio_edu
 from pyctl.errors import KvmluError
 from pyctl.kvmlu import Binding, Device, Session, Table
 from pyctl.model import SessionModel, SessionsModel, TableModel, VapicModel
 from pyctl.uapi import ioctl, lib, new_arg
+from pyctl.upgrade import MsiCounter
 from pyctl.vapic import Vapic, VapicDevice
 
 EXAMPLES = int(os.environ.get("KVMLU_FUZZ_EXAMPLES", "40"))
@@ -46,6 +51,37 @@ vcpus = st.integers(min_value=0, max_value=9) | st.sampled_from([1023, 1024, 2**
 vectors = st.integers(min_value=28, max_value=40) | st.integers(min_value=250, max_value=260)
 tokens = st.integers(min_value=1, max_value=4)
 MISSING_TOKEN = 2**64 - 1
+
+
+class _EduSource:
+    """One edu function for the whole module: opening VFIO per program is slow."""
+
+    edu: Edu | None = None
+    counter: MsiCounter | None = None
+    tried = False
+
+    @classmethod
+    def get(cls) -> Edu | None:
+        if not cls.tried:
+            cls.tried = True
+            bdfs = find_vfio_edu()
+            if bdfs:
+                cls.edu = Edu(bdfs[0])
+        return cls.edu
+
+    @classmethod
+    def close(cls) -> None:
+        if cls.counter is not None:
+            cls.counter.close()
+        if cls.edu is not None:
+            with contextlib.suppress(KvmluError):
+                cls.edu.disable_msi()
+            cls.edu.close()
+        cls.edu, cls.counter, cls.tried = None, None, False
+
+
+def teardown_module() -> None:
+    _EduSource.close()
 
 
 def _drain(fd: int) -> int:
@@ -80,6 +116,7 @@ class KvmluMachine(RuleBasedStateMachine):
         self.open_sessions: dict[int, tuple[str, Session, SessionModel]] = {}
         self.preserved: dict[str, dict[int, int]] = {}  # name -> token -> table preserved
         self.vapics_open: dict[int, tuple[Vapic, VapicModel, int]] = {}  # with table name
+        self.edu_src: int | None = None  # the source whose eventfd the edu's MSI signals
 
     def _name(self) -> int:
         self.next += 1
@@ -179,6 +216,51 @@ class KvmluMachine(RuleBasedStateMachine):
     @rule(s=sources, n=st.integers(1, 3))
     def signal(self, s: int, n: int) -> None:
         os.eventfd_write(self.srcs[s], n)
+        self._fired(s, n)
+
+    @precondition(lambda self: self.edu_src is None and _EduSource.get() is not None)
+    @rule(target=sources)
+    def edu_source(self) -> int:
+        """A source whose eventfd is the edu device's MSI trigger."""
+        edu = _EduSource.get()
+        assert edu is not None
+        name = self._name()
+        self.srcs[name] = edu.enable_msi(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+        if _EduSource.counter is None:
+            _EduSource.counter = MsiCounter(edu.bdf)
+        self.edu_src = name
+        return name
+
+    @precondition(lambda self: self.edu_src is not None)
+    @rule(n=st.integers(1, 3))
+    def raise_msi(self, n: int) -> None:
+        """Real MSIs, one at a time, each waited for until the host handled it."""
+        edu, counter = _EduSource.edu, _EduSource.counter
+        assert edu is not None and counter is not None and self.edu_src is not None
+        s = self.edu_src
+        bound = [key for key in self.binds if key[1] == s]
+        # The host counts the interrupt before VFIO's handler signals the
+        # eventfd: wait for the signal's effect, a binding's count or the
+        # eventfd's, before the model takes it.
+        binding = self.binds[max(bound, key=self.bind_seq.__getitem__)] if bound else None
+        for _ in range(n):
+            before = counter.count()
+            signals = binding.info().stats.signals if binding is not None else 0
+            edu.raise_irq()
+            deadline = time.monotonic() + 5
+            while counter.count() == before:
+                assert time.monotonic() < deadline, "the edu MSI did not land"
+                time.sleep(0.0002)
+            if binding is not None:
+                while binding.info().stats.signals == signals:
+                    assert time.monotonic() < deadline, "the MSI was not posted"
+                    time.sleep(0.0002)
+            else:
+                assert wait_readable(self.srcs[s], 5), "VFIO did not signal the eventfd"
+            self._fired(s, 1)
+
+    def _fired(self, s: int, n: int) -> None:
+        """Source ``s`` was signalled ``n`` times: the model's side."""
         bound = [key for key in self.binds if key[1] == s]
         if bound:
             # Several tables on one eventfd: the latest binding's callback runs
