@@ -65,7 +65,7 @@ def workload_argv(name: str) -> list[str] | None:
     if name == "idle":
         return None
     if name == "cpu":
-        return ["stress-ng", "--cpu", "1", "--timeout", "0", "--quiet"]
+        return ["stress-ng", "--cpu", "1", "--timeout", "0", "--quiet", "--temp-path", "/tmp"]
     if name == "memory":
         return ["sh", "-c", "while memtester 128M 1 >/dev/null; do :; done"]
     if name == "disk":
@@ -94,12 +94,16 @@ def workload(name: str) -> Iterator[None]:
         return
     if shutil.which(argv[0]) is None:
         raise RuntimeError(f"{argv[0]} is not installed (make bench installs it)")
-    proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL)
+    # The guest's root is read-only: workloads run in /tmp.
+    proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL, cwd="/tmp")
     try:
-        time.sleep(0.5)  # let it start: a workload that exits at once is an error
+        time.sleep(2)  # let it start: a workload that exits at once is an error
         if proc.poll() is not None:
             raise RuntimeError(f"workload {name} exited with {proc.returncode}")
         yield
+        # And one that died during the run made the run a lie.
+        if proc.poll() is not None:
+            raise RuntimeError(f"workload {name} exited with {proc.returncode} during the run")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
