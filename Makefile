@@ -154,7 +154,7 @@ $(STAMPS)/bench: $(STAMPS)/venv Makefile
 
 bench: deps venv $(STAMPS)/bench
 	@$(MAKE) --no-print-directory _modules
-	$(KVMLU) vm --kernel $(KVER) --edu 3 --scratch-disk 512 --timeout 14400 \
+	$(KVMLU) vm --kernel $(KVER) --edu 3 --scratch-disk 512 --timeout 43200 \
 		--results $(CURDIR)/results/bench $(VM_ARGS) -- /bin/sh -ec \
 		'$(CURDIR)/$(KVMLU) bench irq $(BENCH_ARGS); \
 		 $(CURDIR)/$(KVMLU) bench upgrade --json $(CURDIR)/results/bench/upgrade.json \
