@@ -49,7 +49,7 @@ from pyctl.errors import KvmluError
 from pyctl.livevmm import STRATEGIES, LiveVmm, Optimisations, serve
 from pyctl.vmm import recv_msg, send_msg
 
-LAND_TIMEOUT = 10.0
+LAND_TIMEOUT = 5.0
 REPLY_TIMEOUT = 120.0
 VECTORS = (0x41, 0x62, 0x73, 0x84, 0x95, 0xA6)
 
@@ -198,7 +198,10 @@ class Raiser:
     """The device side: raises MSIs round robin, one in flight, until stopped.
 
     Each raise is stamped when issued and when its MSI had landed (the
-    host's vfio-msi count in /proc/interrupts moved).
+    host's count of the device's MSI moved). An MSI the host never handles
+    (sent while VFIO re-requested the IRQ, as ``naive`` does) is stamped as
+    landed when the wait gives up: no VMM can have received it, so the
+    checker counts it lost. ``unlanded`` counts them.
     """
 
     edus: list[Edu]
@@ -206,6 +209,7 @@ class Raiser:
     interval: float = 0.0
     raises: list[Raise] = field(default_factory=list)
     error: str | None = None
+    unlanded: int = 0
 
     def __post_init__(self) -> None:
         # One raise in flight: landing is told by a count. Reentrant, so that
@@ -252,7 +256,9 @@ class Raiser:
         deadline = issued + LAND_TIMEOUT
         while counter.count() == before:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the MSI of {edu.bdf} did not land")
+                self.unlanded += 1
+                counter.close()  # the IRQ may have changed
+                break
             # Poll gently: a spinning device thread would take a guest CPU
             # from the VMMs. The stamp is late by this much at most.
             time.sleep(0.0002)
@@ -342,6 +348,7 @@ class RunResult:
     raises: int
     deliveries: int
     acked: int
+    unlanded: int = 0
     timeline: tuple[list[Raise], list[Fetch]] = ([], [])
 
     def summary(self) -> dict[str, Any]:
@@ -363,6 +370,7 @@ class RunResult:
             "downtime_ms": _percentiles(ms),
             "phases_p50_ms": phases,
             "raised": self.raises,
+            "never_landed": self.unlanded,
             "deliveries": self.deliveries,
             "acked": self.acked,
             "lost": self.report.lost,
@@ -580,6 +588,7 @@ def run(
         len(raiser.raises),
         len(log),
         acked,
+        raiser.unlanded,
         (raiser.raises, fetches),
     )
 
