@@ -321,6 +321,7 @@ class Downtime:
     rolled_back: bool = False
     started_in_window: float = 0.0  # seconds spent starting the new VMM after the save
     detail: dict[str, float] = field(default_factory=dict)  # every stamp, both sides
+    header_lagged: int = 0  # ready signals the new VMM got before the state header
 
     @property
     def total_ms(self) -> float:
@@ -371,6 +372,7 @@ class RunResult:
             "phases_p50_ms": phases,
             "raised": self.raises,
             "never_landed": self.unlanded,
+            "header_lagged": sum(d.header_lagged for d in self.downtimes),
             "deliveries": self.deliveries,
             "acked": self.acked,
             "lost": self.report.lost,
@@ -448,6 +450,7 @@ def upgrade(  # noqa: PLR0917 - the run's parameters, passed through
         elif not opts.concurrent:
             new.send("takeover", fail=fail)
         took = new.recv("takeover")[0]["t"]
+        lagged = int(took.pop("header_lagged", 0))
     except VmmError as e:
         if e.handle is old:
             raise
@@ -473,6 +476,7 @@ def upgrade(  # noqa: PLR0917 - the run's parameters, passed through
         took["loaded"],
         took["running"],
         started_in_window=started_in_window,
+        header_lagged=lagged,
         detail={
             **{f"old_{k}": v for k, v in stamps.items()},
             **{f"new_{k}": v for k, v in took.items()},
@@ -496,6 +500,7 @@ def _upgrade_old_dies(
     new.call("prepare_session", name=name)
     started = time.monotonic() - t_start
     took = new.call("takeover")[0]["t"]
+    took.pop("header_lagged", None)
     dt = Downtime(
         stamps["pause"],
         stamps["suspended"],
@@ -568,15 +573,19 @@ def run(
                 vmm = new
         _wait_raises(raiser, between)
     finally:
-        raiser.stop()
+        # Every step runs even if one before it failed: a VMM left running
+        # would keep the devices busy for whatever runs next.
         try:
-            reply = vmm.call("stop", drain=True)[0]
-            log += reply["log"]
-            acked += reply["acked"]
-            vmm.call("release")
+            raiser.stop()
         finally:
-            vmm.close()
-            zygote.close()
+            try:
+                reply = vmm.call("stop", drain=True)[0]
+                log += reply["log"]
+                acked += reply["acked"]
+                vmm.call("release")
+            finally:
+                vmm.close()
+                zygote.close()
     fetches = [Fetch(t, v, frozenset(vecs), side, end) for t, end, v, vecs, side in log]
     report = check(raiser.raises, fetches)
     return RunResult(
