@@ -84,12 +84,16 @@ class Optimisations:
     ``realtime``: the VMM's threads run SCHED_FIFO, so that the one that
     must act next in the window (the old VMM saving, the new one loading)
     gets a CPU at once instead of after the scheduler's wakeup granularity.
+    ``keep_vapic`` (``shared``, both VMMs on the same vAPIC version): the
+    new VMM inherits the vAPIC object itself, so there is no vAPIC state to
+    save or load; only the devices' state crosses the memfd.
     """
 
     prestart: bool = True
     concurrent: bool = True
     keep_eventfds: bool = True
     realtime: bool = True
+    keep_vapic: bool = True
 
     @classmethod
     def parse(cls, text: str) -> Optimisations:
@@ -97,7 +101,7 @@ class Optimisations:
         if text == "all":
             return cls()
         if text == "none":
-            return cls(False, False, False, False)
+            return cls(**{f.name: False for f in dataclasses.fields(cls)})
         names = {f.name.replace("_", "-") for f in dataclasses.fields(cls)}
         off: dict[str, bool] = {}
         for item in text.split(","):
@@ -113,8 +117,6 @@ class Optimisations:
             return "all"
         if len(off) == len(dataclasses.fields(self)):
             return "none"
-        if off == ["realtime"]:
-            return "no-realtime"
         return ",".join("no-" + n.replace("_", "-") for n in off)
 
 
@@ -168,6 +170,11 @@ class LiveVmm:
         self.notify_attached = True  # False while the table's targets are not ours
         self.header_lagged = 0  # ready signals that came before their header
         self.unbound = False
+        # This upgrade's vAPIC state: the old VMM handed the object over (no
+        # blob), or saved its blob; the new VMM inherited the object.
+        self.vapic_handed = False
+        self.blob_saved = False
+        self.vapic_inherited = False
 
     # Objects.
 
@@ -341,9 +348,15 @@ class LiveVmm:
 
     # The old side.
 
-    def export(self) -> tuple[dict[str, Any], list[int]]:
-        """The manifest and fds the new VMM inherits."""
-        assert self.table is not None
+    def export(self, vapic: int | None = None) -> tuple[dict[str, Any], list[int]]:
+        """The manifest and fds the new VMM inherits.
+
+        ``vapic`` is the new VMM's vAPIC version. With ``keep_vapic`` and the
+        shared table, a new VMM of this VMM's version gets the vAPIC object
+        itself, unless its state was saved already (the new VMM was started
+        after the pause): :meth:`pause_save` then saves no vAPIC blob.
+        """
+        assert self.table is not None and self.vapic is not None
         self._new_state()
         assert self.state_fd is not None and self.ready_fd is not None
         names: list[str] = []
@@ -365,6 +378,14 @@ class LiveVmm:
         if self.opts.keep_eventfds:
             for v, fd in enumerate(self.notify):
                 add(f"notify{v}", fd)
+        if (
+            self.opts.keep_vapic
+            and self.strategy == "shared"
+            and vapic == self.vapic_version
+            and not self.blob_saved
+        ):
+            add("vapic", self.vapic.fd)
+            self.vapic_handed = True
         add("state", self.state_fd)
         add("ready", self.ready_fd)
         manifest = {
@@ -372,6 +393,7 @@ class LiveVmm:
             "targets": self.targets,
             "nr_vcpus": self.nr_vcpus,
             "strategy": self.strategy,
+            "vapic_version": self.vapic_version,
         }
         return manifest, fds
 
@@ -386,7 +408,8 @@ class LiveVmm:
             self.ready_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_SEMAPHORE)
 
     def pause_save(self, hold: bool = False) -> dict[str, float]:
-        """Suspend, then save into the state memfd, signalling each part.
+        """Suspend, then save into the state memfd, signalling each part: the
+        vAPIC blob (unless the object was handed over), the device state.
 
         ``hold`` (tests) keeps the last signal back until :meth:`let_go`, so
         that the controller can act while neither VMM runs.
@@ -420,11 +443,15 @@ class LiveVmm:
         assert self.state_map is not None
         m = self.state_map
         t_prep = time.monotonic()
-        # The kernel writes the blob straight into the shared mapping.
-        n = self.vapic.save_into(memoryview(m)[_HDR.size : _HDR.size + self.vapic.blob_size()])
+        n = 0
+        if not self.vapic_handed:
+            # The kernel writes the blob straight into the shared mapping.
+            n = self.vapic.save_into(memoryview(m)[_HDR.size : _HDR.size + self.vapic.blob_size()])
+            self.blob_saved = True
         t_vsave = time.monotonic()
-        _HDR.pack_into(m, 0, n, 0)
-        os.eventfd_write(self.ready_fd, 1)
+        if not self.vapic_handed:
+            _HDR.pack_into(m, 0, n, 0)
+            os.eventfd_write(self.ready_fd, 1)
         t_blob = time.monotonic()
         config = b"".join(_read_config(d) for d in self.devices)
         m[_HDR.size + n : _HDR.size + n + len(config)] = config
@@ -469,8 +496,13 @@ class LiveVmm:
     def prepare(self, manifest: dict[str, Any], fds: list[int]) -> dict[str, float]:
         """Adopt the old VMM's fds and build what does not disturb it."""
         t0 = time.monotonic()
-        self.side = "new"
         got = dict(zip(manifest["names"], fds, strict=True))
+        if "vapic" in got and int(manifest["vapic_version"]) != self.vapic_version:
+            raise ValueError(
+                f"a vAPIC v{manifest['vapic_version']} object was handed to a "
+                f"v{self.vapic_version} VMM"
+            )
+        self.side = "new"
         self.targets = [(int(v), int(x)) for v, x in manifest["targets"]]
         self.nr_vcpus = int(manifest["nr_vcpus"])
         n = len(self.targets)
@@ -491,9 +523,16 @@ class LiveVmm:
         else:
             self.table = self.dev.create_table(self.nr_vcpus)
             self._set_notify(attach=False)
-        with VapicDevice(self.vapic_version) as vd:
-            self.vapic = vd.create(self.table)
-        self._warm(load=True)
+        if "vapic" in got:
+            # The old VMM's object itself: it keeps running on it until the
+            # pause, so nothing here may change its state.
+            self.vapic = Vapic(got["vapic"], self.vapic_version)
+            self.vapic_inherited = True
+        else:
+            with VapicDevice(self.vapic_version) as vd:
+                self.vapic = vd.create(self.table)
+            self.vapic_inherited = False
+        self._warm(load=not self.vapic_inherited)
         self._spawn_threads()
         return {"prepare": t0, "prepared": time.monotonic()}
 
@@ -501,17 +540,21 @@ class LiveVmm:
         """Load each saved part as it is announced, finish the strategy, run."""
         assert self.table is not None and self.vapic is not None
         assert self.state_fd is not None and self.ready_fd is not None
-        t_wait = time.monotonic()
-        os.eventfd_read(self.ready_fd)  # blocks until the vAPIC blob is written
-        t_load = time.monotonic()
         m = self.state_map
         assert m is not None
-        # The header, not the signal, says what is there: a signal with no
-        # blob behind it has been seen (about once in 300 upgrades, cause not
-        # found yet), so wait for the header and count how often it lagged.
-        blob_len, _ = self._header(lambda h: h[0] != 0)
-        self.vapic.load(memoryview(m)[_HDR.size : _HDR.size + blob_len])
-        t_vload = time.monotonic()
+        t_wait = time.monotonic()
+        if self.vapic_inherited:
+            blob_len = 0  # the object is the old VMM's: nothing to load
+            t_load = t_vload = t_wait
+        else:
+            os.eventfd_read(self.ready_fd)  # blocks until the vAPIC blob is written
+            t_load = time.monotonic()
+            # The header, not the signal, says what is there: a signal with no
+            # blob behind it has been seen (about once in 300 upgrades, cause
+            # not found yet), so wait for the header and count how often it lagged.
+            blob_len, _ = self._header(lambda h: h[0] != 0)
+            self.vapic.load(memoryview(m)[_HDR.size : _HDR.size + blob_len])
+            t_vload = time.monotonic()
         if fail == "load":
             os._exit(3)  # fault injection: the new VMM dies half-way through the load
         os.eventfd_read(self.ready_fd)  # the device state
@@ -543,6 +586,7 @@ class LiveVmm:
             "vapic_loaded": t_vload,
             "device_ready": t_dev,
             "header_lagged": float(self.header_lagged),
+            "vapic_inherited": float(self.vapic_inherited),
             "loaded": t_loaded,
             "ready": t_ready,
             "running": running,
@@ -570,6 +614,7 @@ class LiveVmm:
             if fd is not None:
                 os.close(fd)
         self.state_fd = self.ready_fd = None
+        self.vapic_handed = self.blob_saved = False
 
     # Through a session, when the old VMM dies after its save.
 
@@ -634,7 +679,8 @@ def _handle(vmm: LiveVmm, msg: dict[str, Any], fds: list[int]) -> tuple[dict[str
     """Run one command; its reply fields and the fds to send with it."""
     cmd = msg["cmd"]
     if cmd == "export":
-        manifest, out = vmm.export()
+        version = msg.get("vapic")
+        manifest, out = vmm.export(None if version is None else int(version))
         return {"manifest": manifest}, out
     actions: dict[str, Any] = {
         "setup": lambda: vmm.setup(fds, msg["targets"], int(msg["nr_vcpus"])),
@@ -681,17 +727,22 @@ def serve(ctl: socket.socket, vmm: LiveVmm) -> None:
         vmm.release()
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--control-fd", type=int, required=True, help="SEQPACKET control socket")
-    p.add_argument("--strategy", choices=STRATEGIES, default="shared")
-    p.add_argument("--vapic", type=int, choices=(1, 2), default=2, help="vAPIC module version")
+def add_optimisations_argument(p: argparse.ArgumentParser) -> None:
+    """``--optimisations SPEC``, parsed by :meth:`Optimisations.parse`."""
+    names = ",".join("no-" + f.name.replace("_", "-") for f in dataclasses.fields(Optimisations))
     p.add_argument(
         "--optimisations",
         default="all",
         metavar="SPEC",
-        help="all, none, or all but some: no-prestart,no-concurrent,no-keep-eventfds,"
-        "no-realtime (default: all)",
+        help=f"all, none, or all but some of: {names} (default: all)",
     )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--control-fd", type=int, required=True, help="SEQPACKET control socket")
+    p.add_argument("--strategy", choices=STRATEGIES, default="shared")
+    p.add_argument("--vapic", type=int, choices=(1, 2), default=2, help="vAPIC module version")
+    add_optimisations_argument(p)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -707,4 +758,10 @@ if __name__ == "__main__":
     sys.exit(main(_p.parse_args()))
 
 
-__all__: Sequence[str] = ("STRATEGIES", "LiveVmm", "Optimisations", "serve")
+__all__: Sequence[str] = (
+    "STRATEGIES",
+    "LiveVmm",
+    "Optimisations",
+    "add_optimisations_argument",
+    "serve",
+)

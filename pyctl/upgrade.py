@@ -46,7 +46,13 @@ from typing import Any
 from pyctl.check import Fetch, Raise, Report, check, dump_log
 from pyctl.edu import Edu, find_vfio_edu
 from pyctl.errors import KvmluError
-from pyctl.livevmm import STRATEGIES, LiveVmm, Optimisations, serve
+from pyctl.livevmm import (
+    STRATEGIES,
+    LiveVmm,
+    Optimisations,
+    add_optimisations_argument,
+    serve,
+)
 from pyctl.vmm import recv_msg, send_msg
 
 LAND_TIMEOUT = 5.0
@@ -322,6 +328,7 @@ class Downtime:
     started_in_window: float = 0.0  # seconds spent starting the new VMM after the save
     detail: dict[str, float] = field(default_factory=dict)  # every stamp, both sides
     header_lagged: int = 0  # ready signals the new VMM got before the state header
+    vapic_handed: bool = False  # the new VMM inherited the vAPIC object (no blob)
 
     @property
     def total_ms(self) -> float:
@@ -368,6 +375,7 @@ class RunResult:
             "vcpus": self.nr_vcpus,
             "upgrades": len(self.downtimes),
             "rolled_back": sum(d.rolled_back for d in self.downtimes),
+            "vapic_handed": sum(d.vapic_handed for d in self.downtimes),
             "downtime_ms": _percentiles(ms),
             "phases_p50_ms": phases,
             "raised": self.raises,
@@ -422,7 +430,7 @@ def upgrade(  # noqa: PLR0917 - the run's parameters, passed through
         h = zygote.spawn(strategy, vapic, opts)
         if fail == "start":
             os.kill(h.pid, signal.SIGKILL)  # dies before it could prepare
-        reply, got = old.call("export")
+        reply, got = old.call("export", vapic=vapic)
         try:
             h.call("prepare", got, manifest=reply["manifest"])
         finally:
@@ -450,7 +458,6 @@ def upgrade(  # noqa: PLR0917 - the run's parameters, passed through
         elif not opts.concurrent:
             new.send("takeover", fail=fail)
         took = new.recv("takeover")[0]["t"]
-        lagged = int(took.pop("header_lagged", 0))
     except VmmError as e:
         if e.handle is old:
             raise
@@ -469,20 +476,30 @@ def upgrade(  # noqa: PLR0917 - the run's parameters, passed through
             r["running"],
             rolled_back=True,
         )
-    dt = Downtime(
-        stamps["pause"],
-        stamps["suspended"],
-        stamps["saved"],
+    return new, _downtime(stamps, took, started_in_window)
+
+
+def _downtime(saved: dict[str, float], took: dict[str, Any], started: float) -> Downtime:
+    """An upgrade's downtime from the old VMM's ``pause_save`` stamps and the new
+    one's ``takeover`` reply; ``started``: seconds spent starting the new VMM
+    after the save."""
+    took = dict(took)
+    lagged = int(took.pop("header_lagged", 0))
+    handed = bool(took.pop("vapic_inherited", 0))
+    return Downtime(
+        saved["pause"],
+        saved["suspended"],
+        saved["saved"],
         took["loaded"],
         took["running"],
-        started_in_window=started_in_window,
+        started_in_window=started,
         header_lagged=lagged,
+        vapic_handed=handed,
         detail={
-            **{f"old_{k}": v for k, v in stamps.items()},
+            **{f"old_{k}": v for k, v in saved.items()},
             **{f"new_{k}": v for k, v in took.items()},
         },
     )
-    return new, dt
 
 
 def _upgrade_old_dies(
@@ -500,16 +517,7 @@ def _upgrade_old_dies(
     new.call("prepare_session", name=name)
     started = time.monotonic() - t_start
     took = new.call("takeover")[0]["t"]
-    took.pop("header_lagged", None)
-    dt = Downtime(
-        stamps["pause"],
-        stamps["suspended"],
-        stamps["saved"],
-        took["loaded"],
-        took["running"],
-        started_in_window=started,
-    )
-    return new, dt
+    return new, _downtime(stamps, took, started)
 
 
 def _wait_raises(raiser: Raiser, n: int) -> None:
@@ -624,13 +632,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upgrades", type=int, default=10, metavar="N")
     p.add_argument("--edu", type=int, default=3, metavar="N", help="edu functions to use")
     p.add_argument("--vapic", type=int, choices=(1, 2), default=2)
-    p.add_argument(
-        "--optimisations",
-        default="all",
-        metavar="SPEC",
-        help="all, none, or all but some: no-prestart,no-concurrent,no-keep-eventfds,"
-        "no-realtime (default: all)",
-    )
+    add_optimisations_argument(p)
     p.add_argument(
         "--fault",
         action="append",

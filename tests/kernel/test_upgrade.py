@@ -8,13 +8,14 @@ The checker then compares every raise with every SYNC of every VMM.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 
 from pyctl.edu import Edu
 from pyctl.kvmlu import Device
-from pyctl.livevmm import Optimisations
+from pyctl.livevmm import LiveVmm, Optimisations
 from pyctl.upgrade import RunResult, close_edus, open_edus, run, targets_for
 
 UPGRADES = 4
@@ -68,7 +69,16 @@ def test_targets_spread_over_the_vcpus() -> None:
 
 
 @pytest.mark.parametrize(
-    "opts", ["all", "none", "no-prestart", "no-concurrent", "no-keep-eventfds", "no-realtime"]
+    "opts",
+    [
+        "all",
+        "none",
+        "no-prestart",
+        "no-concurrent",
+        "no-keep-eventfds",
+        "no-realtime",
+        "no-keep-vapic",
+    ],
 )
 def test_shared_loses_and_invents_nothing(edus: list[Edu], opts: str) -> None:
     r = upgrade_run(edus, "shared", opts)
@@ -77,14 +87,55 @@ def test_shared_loses_and_invents_nothing(edus: list[Edu], opts: str) -> None:
         ph = d.phases_ms()
         assert all(v >= 0 for v in ph.values()), ph
         assert d.total_ms == pytest.approx(sum(ph.values()))
+    # The vAPIC object is handed over only when asked for and only when the
+    # new VMM prepared before the old one saved its state.
+    o = Optimisations.parse(opts)
+    handed = o.keep_vapic and o.prestart
+    assert [d.vapic_handed for d in r.downtimes] == [handed] * UPGRADES
 
 
 def test_shared_with_88_vcpus(edus: list[Edu]) -> None:
     assert_clean(upgrade_run(edus, "shared", vcpus=88, upgrades=2), 2)
 
 
-def test_shared_across_vapic_versions(edus: list[Edu]) -> None:
-    assert_clean(upgrade_run(edus, "shared", vapic=1))
+def test_shared_on_vapic_v1(edus: list[Edu]) -> None:
+    r = upgrade_run(edus, "shared", vapic=1)
+    assert_clean(r)
+    assert all(d.vapic_handed for d in r.downtimes)
+
+
+@pytest.mark.parametrize("version, handed", [(2, True), (1, False), (None, False)])
+def test_vapic_object_goes_only_to_a_vmm_of_its_version(
+    edus: list[Edu], version: int | None, handed: bool
+) -> None:
+    vmm = LiveVmm("shared", 2, Optimisations())
+    try:
+        vmm.setup([os.dup(e.vfio.fd) for e in edus], targets_for(8, len(edus)), 8)
+        manifest, fds = vmm.export(version)
+        assert ("vapic" in manifest["names"]) == handed
+        assert vmm.vapic is not None and (vmm.vapic.fd in fds) == handed
+        assert manifest["vapic_version"] == 2
+    finally:
+        vmm.release()
+
+
+def test_vmm_of_another_version_refuses_a_handed_vapic(edus: list[Edu]) -> None:
+    old = LiveVmm("shared", 2, Optimisations())
+    new = LiveVmm("shared", 1, Optimisations())
+    try:
+        old.setup([os.dup(e.vfio.fd) for e in edus], targets_for(8, len(edus)), 8)
+        manifest, fds = old.export(2)
+        dup = [os.dup(fd) for fd in fds]
+        try:
+            with pytest.raises(ValueError, match="v2 object was handed to a v1 VMM"):
+                new.prepare(manifest, dup)
+            # Refused before it adopted anything.
+            assert new.table is None and new.vapic is None and not new.devices
+        finally:
+            for fd in dup:
+                os.close(fd)
+    finally:
+        old.release()
 
 
 def test_naive_loses_what_lands_in_the_window(edus: list[Edu]) -> None:
