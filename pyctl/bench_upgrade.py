@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from pyctl.livevmm import STRATEGIES, Optimisations
-from pyctl.upgrade import Downtime, close_edus, exec_startup, open_edus, run
+from pyctl.upgrade import Downtime, RunResult, close_edus, exec_startup, open_edus, run
 from pyctl.vm import SCRATCH_SERIAL
 
 WORKLOADS = ("idle", "cpu", "memory", "disk")
-ABLATIONS = ("no-prestart", "no-concurrent", "no-keep-eventfds", "no-realtime")
+ABLATIONS = ("no-prestart", "no-concurrent", "no-keep-eventfds", "no-realtime", "no-keep-vapic")
 
 
 def scratch_disk() -> str:
@@ -153,6 +153,17 @@ def environment() -> dict[str, Any]:
     }
 
 
+def run_entry(workload: str, r: RunResult, wall_s: float) -> dict[str, Any]:
+    """One run's record in the benchmark's JSON."""
+    return {
+        "workload": workload,
+        **r.summary(),
+        "downtimes_ms": [d.total_ms for d in r.downtimes],
+        "stamps_p50_ms": stamps_p50(r.downtimes),
+        "wall_s": round(wall_s, 1),
+    }
+
+
 def bench(args: argparse.Namespace) -> int:
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -168,13 +179,10 @@ def bench(args: argparse.Namespace) -> int:
     try:
         doc["exec_startup_s"] = exec_startup(3)
         for i, (v, w, s, o) in enumerate(todo):
+            t_run = time.monotonic()
             with workload(w):
                 r = run(edus, v, s, Optimisations.parse(o), args.upgrades)
-            entry = {
-                "workload": w,
-                **r.summary(),
-                "downtimes_ms": [d.total_ms for d in r.downtimes],
-            }
+            entry = run_entry(w, r, time.monotonic() - t_run)
             doc["runs"].append(entry)
             d = entry["downtime_ms"]
             print(

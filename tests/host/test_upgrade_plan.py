@@ -7,17 +7,25 @@ from pathlib import Path
 
 import pytest
 
-from pyctl.bench_upgrade import ABLATIONS, configs, merge, ratios, table
+from pyctl.bench_upgrade import ABLATIONS, configs, merge, ratios, run_entry, table
+from pyctl.check import check
 from pyctl.livevmm import Optimisations
-from pyctl.upgrade import Downtime, targets_for
+from pyctl.upgrade import Downtime, RunResult, targets_for
 
 
 def test_optimisation_specs() -> None:
     assert Optimisations.parse("all") == Optimisations()
-    assert Optimisations.parse("none") == Optimisations(False, False, False, False)
+    assert Optimisations.parse("none") == Optimisations(False, False, False, False, False)
     o = Optimisations.parse("no-prestart,no-keep-eventfds")
-    assert (o.prestart, o.concurrent, o.keep_eventfds, o.realtime) == (False, True, False, True)
-    for spec in ["all", "none", "no-prestart", "no-concurrent,no-realtime", "no-realtime"]:
+    assert (o.prestart, o.concurrent, o.keep_eventfds, o.realtime, o.keep_vapic) == (
+        False,
+        True,
+        False,
+        True,
+        True,
+    )
+    assert Optimisations.parse("no-keep-vapic") == Optimisations(keep_vapic=False)
+    for spec in ["all", "none", "no-prestart", "no-concurrent,no-realtime", "no-keep-vapic"]:
         assert Optimisations.parse(Optimisations.parse(spec).label()) == Optimisations.parse(spec)
 
 
@@ -98,3 +106,17 @@ def test_ratios_are_against_the_unoptimised_run_of_the_same_configuration(tmp_pa
     b.write_text(json.dumps({**doc, "runs": doc["runs"][2:], "exec_startup_s": [1.7]}))
     m = merge([str(a), str(b)])
     assert m["runs"] == doc["runs"] and m["exec_startup_s"] == [1.5, 1.7]
+
+
+def test_run_entry_records_where_the_time_goes() -> None:
+    detail = {"old_pause": 10.0, "old_saved": 10.002, "new_running": 10.004}
+    dts = [
+        Downtime(10.0, 10.001, 10.002, 10.003, 10.004, detail=detail, vapic_handed=True),
+        Downtime(20.0, 20.001, 20.002, 20.003, 20.010, rolled_back=True),
+    ]
+    r = RunResult("shared", "all", 8, dts, check([], []), 0, 0, 0)
+    e = run_entry("idle", r, 12.34)
+    assert e["workload"] == "idle" and e["wall_s"] == 12.3
+    assert e["stamps_p50_ms"] == pytest.approx({"old_pause": 0, "old_saved": 2, "new_running": 4})
+    assert e["vapic_handed"] == 1 and e["rolled_back"] == 1
+    assert e["downtimes_ms"] == pytest.approx([4, 10])
