@@ -29,6 +29,8 @@ BENCH_ARGS ?=
 FUZZ_EXAMPLES ?= 10000
 # Where make test-debug keeps its kernel tree (about 6 GB) between runs.
 DEBUG_CACHE ?= /var/cache/kvmlu
+# The modules built against it: in the checkout, which the VM sees.
+DEBUG_MODULES := $(CURDIR)/build/debug-modules
 DEBUG_APT_PACKAGES := linux-source-6.1 bc bison flex libssl-dev libelf-dev xz-utils
 DEBUG_FUZZ_EXAMPLES ?= 200
 
@@ -41,17 +43,9 @@ help:
 
 # Debian packages, installed only when one is missing.
 deps: $(STAMPS)/apt
-$(STAMPS)/apt: Makefile
+$(STAMPS)/apt: Makefile tools/apt-ensure.sh
 	@mkdir -p $(STAMPS)
-	@missing=$$(for p in $(APT_PACKAGES); do \
-		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-		echo "Installing Debian packages:" $$missing; \
-		if [ "$$(id -u)" != 0 ]; then echo "root is needed to install them" >&2; exit 1; fi; \
-		export DEBIAN_FRONTEND=noninteractive; \
-		apt-get update -q; \
-		apt-get install -y -q --no-install-recommends $$missing; \
-	fi
+	tools/apt-ensure.sh $(APT_PACKAGES)
 	@touch $@
 
 # The venv with the package (the cffi extension is built here) and its test tools.
@@ -113,24 +107,17 @@ fuzz: deps venv
 
 # The kernel suite and the fuzzers on a debug kernel (KASAN, lockdep,
 # might_sleep, kmemleak), built once into $(DEBUG_CACHE); any report fails.
-$(STAMPS)/apt-debug: Makefile
+$(STAMPS)/apt-debug: Makefile tools/apt-ensure.sh
 	@mkdir -p $(STAMPS)
-	@missing=$$(for p in $(DEBUG_APT_PACKAGES); do \
-		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-		echo "Installing Debian packages:" $$missing; \
-		export DEBIAN_FRONTEND=noninteractive; \
-		apt-get update -q; \
-		apt-get install -y -q --no-install-recommends $$missing; \
-	fi
+	tools/apt-ensure.sh $(DEBUG_APT_PACKAGES)
 	@touch $@
 
 test-debug: deps venv $(STAMPS)/apt-debug
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH tools/debug-kernel.sh $(DEBUG_CACHE)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH tools/debug-kernel.sh $(DEBUG_CACHE) $(DEBUG_MODULES)
 	$(KVMLU) vm --kernel $(DEBUG_CACHE)/linux-debug --memory 2048 --edu 3 --timeout 10800 \
-		--module $(DEBUG_CACHE)/modules/kmod/kvmlu.ko \
-		--module $(DEBUG_CACHE)/modules/kmod/kvmlu_vapic_v1.ko \
-		--module $(DEBUG_CACHE)/modules/kmod/kvmlu_vapic_v2.ko \
+		--module $(DEBUG_MODULES)/kmod/kvmlu.ko \
+		--module $(DEBUG_MODULES)/kmod/kvmlu_vapic_v1.ko \
+		--module $(DEBUG_MODULES)/kmod/kvmlu_vapic_v2.ko \
 		--results $(CURDIR)/results/debug --env KVMLU_FUZZ_EXAMPLES=$(DEBUG_FUZZ_EXAMPLES) \
 		$(VM_ARGS) -- $(CURDIR)/$(PY) -m pytest -p no:cacheprovider tests/kernel $(PYTEST_ARGS)
 
@@ -141,14 +128,8 @@ BENCH_APT_PACKAGES := stress-ng memtester fio
 BENCH_UPGRADE_ARGS ?=
 
 $(STAMPS)/bench: $(STAMPS)/venv Makefile
-	@missing=$$(for p in $(BENCH_APT_PACKAGES); do \
-		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-		echo "Installing Debian packages:" $$missing; \
-		export DEBIAN_FRONTEND=noninteractive; \
-		apt-get update -q; \
-		apt-get install -y -q --no-install-recommends $$missing; \
-	fi
+	@mkdir -p $(STAMPS)
+	tools/apt-ensure.sh $(BENCH_APT_PACKAGES)
 	$(PY) -m pip install -q -e '.[test,bench]'
 	@touch $@
 

@@ -4,26 +4,27 @@
 # Build the debug kernel that `make test-debug` boots, once, and the kvmlu
 # modules against it, every time.
 #
-#   tools/debug-kernel.sh CACHE
+#   tools/debug-kernel.sh CACHE MODULES
 #
 # CACHE/linux-debug   Debian's linux-source-6.1, configured from virtme-ng's
 #                     minimal config plus tools/debug-kernel.config (KASAN,
 #                     lockdep, might_sleep checks, kmemleak, VFIO and the
 #                     Intel IOMMU built in), built with bzImage and modules.
-# CACHE/modules       a copy of the checkout's Kbuild and kmod/, built
-#                     against that tree with W=1 and -Werror.
+# MODULES             a copy of the checkout's Kbuild and kmod/, built
+#                     against that tree with W=1 and -Werror. It must be a
+#                     path the test VM sees: virtme-ng hides /var/cache.
 #
 # The kernel is rebuilt only when the fragment or the source package changes:
 # CACHE/linux-debug/.kvmlu-stamp records both.
 
 set -euo pipefail
 
-cache=${1:?usage: $0 CACHE}
+cache=${1:?usage: $0 CACHE MODULES}
+mods=${2:?usage: $0 CACHE MODULES}
 checkout=$(cd "$(dirname "$0")/.." && pwd)
 fragment=$checkout/tools/debug-kernel.config
 tarball=/usr/src/linux-source-6.1.tar.xz
 tree=$cache/linux-debug
-mods=$cache/modules
 jobs=$(nproc)
 
 [ -r "$tarball" ] || { echo "$tarball missing: install linux-source-6.1" >&2; exit 1; }
