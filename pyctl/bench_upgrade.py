@@ -239,11 +239,11 @@ def table(doc: dict[str, Any]) -> str:
 # The stamps worth a column in "where the time goes", in flow order.
 STAMP_COLUMNS = (
     ("old_suspended", "old: vCPUs stopped"),
-    ("old_vapic_save", "old: vAPIC saved"),
-    ("old_vapic_saved", "old: ready 1"),
-    ("new_load", "new: woke"),
+    ("old_vapic_saved", "old: vAPIC saved"),
+    ("new_load", "new: woke for vAPIC"),
     ("new_vapic_loaded", "new: vAPIC loaded"),
     ("old_saved", "old: devices saved"),
+    ("new_device_ready", "new: woke for devices"),
     ("new_loaded", "new: devices loaded"),
     ("new_running", "new: gate open"),
 )

@@ -147,6 +147,7 @@ class LiveVmm:
         self.msi: list[int] = []
         self.devices: list[VfioPciDevice] = []
         self.targets: list[tuple[int, int]] = []
+        self.device_ids: list[bytes] = []  # the new VMM's devices' vendor and device IDs
         self.notify: list[int] = []
         self.nr_vcpus = 0
         self.state_fd: int | None = None  # memfd: header, vAPIC blob, device state
@@ -234,7 +235,6 @@ class LiveVmm:
             self.vapic.load(blob)
         for d in self.devices:
             _read_config(d)
-            _read_config(d, 4)
 
     # vCPU threads. They are created once, parked, and let run by a gate:
     # resuming vCPUs is one Event.set(), not V thread start-ups. A pause does
@@ -507,6 +507,8 @@ class LiveVmm:
         self.nr_vcpus = int(manifest["nr_vcpus"])
         n = len(self.targets)
         self._adopt_devices([got[f"device{i}"] for i in range(n)])
+        # Vendor and device ID: what the saved state is checked against.
+        self.device_ids = [_read_config(d, 4) for d in self.devices]
         self.state_fd, self.ready_fd = got["state"], got["ready"]
         self.state_map = _prefault(mmap.mmap(self.state_fd, os.fstat(self.state_fd).st_size))
         if "notify0" in got:
@@ -543,29 +545,29 @@ class LiveVmm:
         m = self.state_map
         assert m is not None
         t_wait = time.monotonic()
-        if self.vapic_inherited:
-            blob_len = 0  # the object is the old VMM's: nothing to load
-            t_load = t_vload = t_wait
-        else:
+        stamps = {"wait": t_wait}
+        blob_len = 0  # with an inherited object, nothing to load
+        if not self.vapic_inherited:
             os.eventfd_read(self.ready_fd)  # blocks until the vAPIC blob is written
-            t_load = time.monotonic()
+            stamps["load"] = time.monotonic()
             # The header, not the signal, says what is there: a signal with no
             # blob behind it has been seen (about once in 300 upgrades, cause
             # not found yet), so wait for the header and count how often it lagged.
             blob_len, _ = self._header(lambda h: h[0] != 0)
             self.vapic.load(memoryview(m)[_HDR.size : _HDR.size + blob_len])
-            t_vload = time.monotonic()
+            stamps["vapic_loaded"] = time.monotonic()
         if fail == "load":
             os._exit(3)  # fault injection: the new VMM dies half-way through the load
         os.eventfd_read(self.ready_fd)  # the device state
         t_dev = time.monotonic()
         _, config_len = self._header(lambda h: h[1] != 0)
         config = m[_HDR.size + blob_len : _HDR.size + blob_len + config_len]
-        for i, d in enumerate(self.devices):
+        for i, ids in enumerate(self.device_ids):
             saved = config[i * CONFIG_BYTES : (i + 1) * CONFIG_BYTES]
             # The VMM's copy of config space is the saved one; the device
-            # must be the one it was saved from (vendor and device ID).
-            if saved[:4] != _read_config(d, 4):
+            # must be the one it was saved from (vendor and device ID, read
+            # in prepare: they do not change).
+            if saved[:4] != ids:
                 raise RuntimeError(f"device {i}: saved state is of another device")
         t_loaded = time.monotonic()
         if self.strategy == "naive":
@@ -581,9 +583,7 @@ class LiveVmm:
         running = self.start()
         self._drop_state()  # this upgrade's; the next one gets its own
         return {
-            "wait": t_wait,
-            "load": t_load,
-            "vapic_loaded": t_vload,
+            **stamps,
             "device_ready": t_dev,
             "header_lagged": float(self.header_lagged),
             "vapic_inherited": float(self.vapic_inherited),
@@ -662,11 +662,24 @@ class LiveVmm:
         self.bindings, self.devices, self.msi, self.notify = [], [], [], []
 
 
+# Linux 5.14's madvise(2) advice; Python's mmap module does not name it.
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+
+
 def _prefault(m: mmap.mmap) -> mmap.mmap:
-    """Touch every page of a fresh shared mapping, so that the save and the load
-    in the window take no page fault (each one allocates a page of the memfd)."""
-    for off in range(0, len(m), mmap.PAGESIZE):
-        m[off] = m[off]
+    """Populate every page of a shared mapping, writable, so that the save and
+    the load in the window take no page fault (each one allocates a page of
+    the memfd).
+
+    Both VMMs map the same memfd, and the other one may be writing to it: the
+    pages are populated without storing anything. Rewriting a byte of each
+    page would race with the other VMM's header write and could undo it.
+    """
+    try:
+        m.madvise(MADV_POPULATE_WRITE)
+    except OSError:  # an older kernel: read faults allocate the pages too
+        for off in range(0, len(m), mmap.PAGESIZE):
+            m[off]  # the read is the point
     return m
 
 
