@@ -148,6 +148,9 @@ class LiveVmm:
         self.devices: list[VfioPciDevice] = []
         self.targets: list[tuple[int, int]] = []
         self.device_ids: list[bytes] = []  # the new VMM's devices' vendor and device IDs
+        # The VMM's copy of its devices' config headers, what a save saves;
+        # None when this VMM changed them since it last read them.
+        self.config: bytes | None = None
         self.notify: list[int] = []
         self.nr_vcpus = 0
         self.state_fd: int | None = None  # memfd: header, vAPIC blob, device state
@@ -189,6 +192,7 @@ class LiveVmm:
             efd = _eventfd()
             d.set_irq_eventfds(lib.VFIO_PCI_MSI_IRQ_INDEX, [efd])
             self.msi.append(efd)
+        self.config = None
 
     def _bind(self) -> None:
         assert self.table is not None
@@ -216,9 +220,14 @@ class LiveVmm:
             self.vapic = vd.create(self.table)
         self._program_msi()
         self._bind()
+        self.config = self._read_configs()
         self._warm(load=False)
         self._spawn_threads()
         self.start()
+
+    def _read_configs(self) -> bytes:
+        """Every device's config header, read from the device."""
+        return b"".join(_read_config(d) for d in self.devices)
 
     def _warm(self, load: bool) -> None:
         """Run every call of the window once, outside it.
@@ -359,6 +368,8 @@ class LiveVmm:
         assert self.table is not None and self.vapic is not None
         self._new_state()
         assert self.state_fd is not None and self.ready_fd is not None
+        if self.config is None:
+            self.config = self._read_configs()
         names: list[str] = []
         fds: list[int] = []
 
@@ -453,7 +464,7 @@ class LiveVmm:
             _HDR.pack_into(m, 0, n, 0)
             os.eventfd_write(self.ready_fd, 1)
         t_blob = time.monotonic()
-        config = b"".join(_read_config(d) for d in self.devices)
+        config = self.config if self.config is not None else self._read_configs()
         m[_HDR.size + n : _HDR.size + n + len(config)] = config
         _HDR.pack_into(m, 0, n, len(config))
         t2 = time.monotonic()  # before the signal: the new VMM may run at once
@@ -482,6 +493,7 @@ class LiveVmm:
         if self.strategy == "naive":
             for d, efd in zip(self.devices, self.msi, strict=True):
                 d.set_irq_eventfds(lib.VFIO_PCI_MSI_IRQ_INDEX, [efd])
+            self.config = None
         if self.unbound:
             self._bind()
             self.unbound = False
@@ -569,6 +581,7 @@ class LiveVmm:
             # in prepare: they do not change).
             if saved[:4] != ids:
                 raise RuntimeError(f"device {i}: saved state is of another device")
+        self.config = bytes(config)
         t_loaded = time.monotonic()
         if self.strategy == "naive":
             self._program_msi()
