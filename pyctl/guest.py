@@ -340,7 +340,10 @@ def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
 
 
 def _command_env(
-    edu: Sequence[dict[str, Any]], results: Path, extra: Sequence[str]
+    edu: Sequence[dict[str, Any]],
+    results: Path,
+    extra: Sequence[str],
+    modules: Sequence[Path] = (),
 ) -> dict[str, str]:
     env = dict(os.environ)
     bindir = str(Path(sys.executable).parent)
@@ -350,6 +353,9 @@ def _command_env(
     env["KVMLU_IN_VM"] = "1"
     env["KVMLU_EDU"] = ",".join(str(d["bdf"]) for d in edu)
     env["KVMLU_RESULTS"] = str(results)
+    # The modules this run loaded, for tests that unload and load one again:
+    # they must load the same build (the debug kernel's are elsewhere).
+    env["KVMLU_MODULES"] = ":".join(str(Path(m).resolve()) for m in modules)
     for item in extra:
         key, _, value = item.partition("=")
         env[key] = value
@@ -393,7 +399,7 @@ def run(args: argparse.Namespace) -> Outcome:
             for problem in out.setup_errors:
                 say(f"SETUP FAILED: {problem}")
         elif out.command:
-            env = _command_env(out.edu, status_file.parent, args.env)
+            env = _command_env(out.edu, status_file.parent, args.env, args.module)
             started = time.monotonic()
             out.command_status = run_command(out.command, env)
             say(

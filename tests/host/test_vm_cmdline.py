@@ -295,3 +295,11 @@ def test_guest_parse_args_strips_separator() -> None:
     assert args.command == ["sh", "-c", "x --y"]
     assert args.module == []
     assert args.expect_edu is None
+
+
+def test_guest_command_env_lists_the_modules_it_loaded(tmp_path: Path) -> None:
+    mods = [tmp_path / "dbg/kvmlu.ko", tmp_path / "dbg/kvmlu_vapic_v1.ko"]
+    env = guest._command_env([{"bdf": "0000:00:0a.0"}], tmp_path, ["A=1"], mods)
+    assert env["KVMLU_MODULES"].split(":") == [str(m) for m in mods]
+    assert env["KVMLU_EDU"] == "0000:00:0a.0" and env["A"] == "1"
+    assert guest._command_env([], tmp_path, [])["KVMLU_MODULES"] == ""

@@ -5,10 +5,22 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pyctl.kvmlu import Descriptor, Table
 from pyctl.uapi import ffi
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def module_path(name: str) -> Path:
+    """The ``.ko`` of module ``name`` that this run loaded (the VM runner lists
+    them in ``KVMLU_MODULES``), else the checkout's build."""
+    for path in filter(None, os.environ.get("KVMLU_MODULES", "").split(":")):
+        if Path(path).name == f"{name}.ko":
+            return Path(path)
+    return CHECKOUT / "kmod" / f"{name}.ko"
 
 
 def eventfd_count(fd: int) -> int:

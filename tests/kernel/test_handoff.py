@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kutil import wait_until
+from kutil import module_path, wait_until
 
 from pyctl import handoff
 from pyctl.check import Fetch, Raise, Report, check, dump_log
@@ -31,7 +31,6 @@ from pyctl.kvmlu import Device
 from pyctl.swap import unload
 from pyctl.vmm import recv_msg, send_msg
 
-CHECKOUT = Path(__file__).resolve().parents[2]
 #: device i -> (vCPU, vector)
 TARGETS = [(0, 0x41), (1, 0x62), (1, 0x73)]
 TIMEOUT = 10.0
@@ -308,7 +307,7 @@ def test_thousand_switches_under_storm(edus: list[Edu], dev: Device) -> None:
 
 def _modprobe_back(name: str) -> None:
     if not Path(f"/sys/module/{name}").exists():
-        subprocess.run(["insmod", str(CHECKOUT / f"kmod/{name}.ko")], check=True)
+        subprocess.run(["insmod", str(module_path(name))], check=True)
         wait_until(lambda: Path(f"/dev/{name}").exists(), TIMEOUT, f"/dev/{name}")
 
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kutil import wait_until
+from kutil import module_path, wait_until
 
 from pyctl.check import Fetch, Raise, check
 from pyctl.edu import Edu, find_vfio_edu
@@ -20,7 +20,6 @@ from pyctl.kvmlu import Device, Table
 from pyctl.swap import load_module, swap, unload
 from pyctl.vapic import BLOB_HEADER, Vapic, VapicDevice, blob_header, rewrite_blob
 
-CHECKOUT = Path(__file__).resolve().parents[2]
 V2_PARAM = Path("/sys/module/kvmlu_vapic_v2/parameters/allow_test_flags")
 
 
@@ -273,7 +272,7 @@ def test_swap_v1_to_v2_and_unload_v1(dev: Device, v2: VapicDevice) -> None:
                 assert (s2.irr, s2.isr) == (s1.irr, s1.isr)
                 assert new.sync(1).irr == {0x33, 0x4A, 0xB0}
         finally:
-            subprocess.run(["insmod", str(CHECKOUT / "kmod/kvmlu_vapic_v1.ko")], check=True)
+            subprocess.run(["insmod", str(module_path("kvmlu_vapic_v1"))], check=True)
             wait_until(lambda: Path("/dev/kvmlu_vapic_v1").exists(), 10, "/dev/kvmlu_vapic_v1")
     os.close(src)
 
@@ -340,7 +339,7 @@ def test_swap_round_trips_under_storm(dev: Device) -> None:
                     assert rep.ok, rep.text()
                     d1.close()
                     unload(1)
-                    load_module(CHECKOUT / "kmod/kvmlu_vapic_v1.ko", 1)
+                    load_module(module_path("kvmlu_vapic_v1"), 1)
                     d1 = VapicDevice(1)
                     take(cur)
                     [cur], rep = swap([(t, cur)], d1, format=1)
