@@ -33,6 +33,10 @@ DEBUG_CACHE ?= /var/cache/kvmlu
 DEBUG_MODULES := $(CURDIR)/build/debug-modules
 DEBUG_APT_PACKAGES := linux-source-6.1 bc bison flex libssl-dev libelf-dev xz-utils
 DEBUG_FUZZ_EXAMPLES ?= 200
+# The suite's long loops, shortened on the debug kernel: every lock chain and
+# allocation path is taken in the first rounds already.
+DEBUG_SWITCHES ?= 200
+DEBUG_SWAP_ROUNDS ?= 50
 
 .PHONY: all deps venv modules test test-host test-kernel test-debug lint demo bench fuzz clean help
 
@@ -98,12 +102,15 @@ demo: deps venv
 		 $(CURDIR)/$(KVMLU) upgrade --vcpus 88 --upgrades 10 --raise-in-window --optimisations none'
 
 # The fuzzers alone, at length: FUZZ_EXAMPLES programs of the stateful fuzzer
-# (and five times as many malformed calls) in one VM boot.
+# (and five times as many malformed calls) in one VM boot, split over
+# FUZZ_JOBS processes that run side by side.
+FUZZ_JOBS ?= 2
+
 fuzz: deps venv
 	@$(MAKE) --no-print-directory _modules
-	$(KVMLU) vm --kernel $(KVER) $(VM_ARGS) --env KVMLU_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) -- \
-		$(CURDIR)/$(PY) -m pytest -p no:cacheprovider -q --durations=5 \
-		tests/kernel/test_fuzz_stateful.py tests/kernel/test_fuzz_malformed.py $(PYTEST_ARGS)
+	$(KVMLU) vm --kernel $(KVER) --edu 3 --timeout 43200 --results $(CURDIR)/results/fuzz \
+		$(VM_ARGS) -- $(CURDIR)/tools/fuzz.sh $(CURDIR)/$(PY) $(FUZZ_JOBS) $(FUZZ_EXAMPLES) \
+		$(CURDIR)/results/fuzz $(PYTEST_ARGS)
 
 # The kernel suite and the fuzzers on a debug kernel (KASAN, lockdep,
 # might_sleep, kmemleak), built once into $(DEBUG_CACHE); any report fails.
@@ -119,6 +126,7 @@ test-debug: deps venv $(STAMPS)/apt-debug
 		--module $(DEBUG_MODULES)/kmod/kvmlu_vapic_v1.ko \
 		--module $(DEBUG_MODULES)/kmod/kvmlu_vapic_v2.ko \
 		--results $(CURDIR)/results/debug --env KVMLU_FUZZ_EXAMPLES=$(DEBUG_FUZZ_EXAMPLES) \
+		--env KVMLU_SWITCHES=$(DEBUG_SWITCHES) --env KVMLU_SWAP_ROUNDS=$(DEBUG_SWAP_ROUNDS) \
 		$(VM_ARGS) -- $(CURDIR)/$(PY) -m pytest -p no:cacheprovider tests/kernel $(PYTEST_ARGS)
 
 # Benchmarks: numbers, not pass/fail. Results land in results/bench/; the

@@ -1,0 +1,51 @@
+#!/bin/sh
+# SPDX-License-Identifier: GPL-2.0
+#
+# The fuzzers at length, inside the test VM: JOBS pytest processes side by
+# side (the VM has a vCPU per host core), each on its own edu function and
+# with its share of EXAMPLES stateful programs. Session names carry the
+# process's pid, so the processes do not meet in the module's namespaces.
+#
+#   tools/fuzz.sh PYTHON JOBS EXAMPLES LOGDIR [PYTEST_ARGS...]
+#
+# Exits non-zero if any process failed; each one's output is in
+# LOGDIR/fuzz-N.log and printed at the end.
+
+set -u
+
+py=${1:?usage: $0 PYTHON JOBS EXAMPLES LOGDIR [PYTEST_ARGS...]}
+jobs=${2:?}
+examples=${3:?}
+logdir=${4:?}
+shift 4
+per=$(( (examples + jobs - 1) / jobs ))
+cd "$(dirname "$0")/.."
+mkdir -p "$logdir"
+
+echo "fuzz: $jobs processes x $per programs, started $(date +%T)"
+pids=
+i=0
+while [ "$i" -lt "$jobs" ]; do
+	KVMLU_FUZZ_EXAMPLES=$per KVMLU_FUZZ_EDU=$i \
+		"$py" -m pytest -p no:cacheprovider -q --durations=5 \
+		tests/kernel/test_fuzz_stateful.py tests/kernel/test_fuzz_malformed.py "$@" \
+		> "$logdir/fuzz-$i.log" 2>&1 &
+	pids="$pids $!"
+	i=$((i + 1))
+done
+
+status=0
+i=0
+for pid in $pids; do
+	if wait "$pid"; then
+		result=passed
+	else
+		result=FAILED
+		status=1
+	fi
+	echo "== fuzz process $i: $result"
+	cat "$logdir/fuzz-$i.log"
+	i=$((i + 1))
+done
+echo "fuzz: finished $(date +%T)"
+exit $status
