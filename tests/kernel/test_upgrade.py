@@ -139,7 +139,11 @@ def test_vmm_of_another_version_refuses_a_handed_vapic(edus: list[Edu]) -> None:
 
 
 def test_naive_loses_what_lands_in_the_window(edus: list[Edu]) -> None:
-    r = upgrade_run(edus, "naive")
+    # Quiet upgrades: a loss shows as a SYNC that finds nothing after the
+    # window's raise. With the stream running, the device's next raise of the
+    # same vector could land before the new vCPU's first SYNC and make the
+    # lost raise look coalesced with it (seen once the window got short).
+    r = upgrade_run(edus, "naive", quiet=True)
     assert r.report.lost >= UPGRADES, r.report.text()
 
 
