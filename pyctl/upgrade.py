@@ -206,16 +206,18 @@ class Raiser:
     Each raise is stamped when issued and when its MSI had landed (the
     host's count of the device's MSI moved). An MSI the host never handles
     (sent while VFIO re-requested the IRQ, as ``naive`` does) is stamped as
-    landed when the wait gives up: no VMM can have received it, so the
-    checker counts it lost. ``unlanded`` counts them.
+    landed when the wait gives up (``land_timeout`` seconds): no VMM can
+    have received it, so the checker counts it lost. ``unlanded`` counts them.
     """
 
     edus: list[Edu]
     targets: list[tuple[int, int]]
     interval: float = 0.0
+    land_timeout: float = LAND_TIMEOUT
     raises: list[Raise] = field(default_factory=list)
     error: str | None = None
     unlanded: int = 0
+    land_max: float = 0.0  # the slowest landing, in seconds: the timeout's margin
 
     def __post_init__(self) -> None:
         # One raise in flight: landing is told by a count. Reentrant, so that
@@ -259,7 +261,7 @@ class Raiser:
         before = counter.count()
         issued = time.monotonic()
         edu.raise_irq()
-        deadline = issued + LAND_TIMEOUT
+        deadline = issued + self.land_timeout
         while counter.count() == before:
             if time.monotonic() > deadline:
                 self.unlanded += 1
@@ -268,6 +270,8 @@ class Raiser:
             # Poll gently: a spinning device thread would take a guest CPU
             # from the VMMs. The stamp is late by this much at most.
             time.sleep(0.0002)
+        else:
+            self.land_max = max(self.land_max, time.monotonic() - issued)
         self.raises.append(Raise(time.monotonic(), *self.targets[k], issued=issued))
 
 
@@ -358,6 +362,7 @@ class RunResult:
     acked: int
     unlanded: int = 0
     timeline: tuple[list[Raise], list[Fetch]] = ([], [])
+    land_ms_max: float = 0.0  # the slowest landing of a raise that landed
 
     def summary(self) -> dict[str, Any]:
         ms = sorted(d.total_ms for d in self.downtimes if not d.rolled_back)
@@ -380,6 +385,7 @@ class RunResult:
             "phases_p50_ms": phases,
             "raised": self.raises,
             "never_landed": self.unlanded,
+            "land_ms_max": round(self.land_ms_max, 3),
             "header_lagged": sum(d.header_lagged for d in self.downtimes),
             "deliveries": self.deliveries,
             "acked": self.acked,
@@ -523,7 +529,7 @@ def _upgrade_old_dies(
 def _wait_raises(raiser: Raiser, n: int) -> None:
     """Until the device has raised ``n`` more interrupts."""
     target = len(raiser.raises) + n
-    deadline = time.monotonic() + LAND_TIMEOUT * n
+    deadline = time.monotonic() + raiser.land_timeout * n + 1.0
     while len(raiser.raises) < target:
         if raiser.error:
             raise RuntimeError(raiser.error)
@@ -545,6 +551,8 @@ def run(
     raise_in_window: bool = False,
     quiet_upgrades: bool = False,
     interval: float = 0.0,
+    land_timeout: float = LAND_TIMEOUT,
+    zygote: Zygote | None = None,
 ) -> RunResult:
     """``upgrades`` upgrades in a row under a stream of MSIs, then the checker.
 
@@ -552,16 +560,26 @@ def run(
     ``between`` is how many interrupts the device raises between upgrades;
     ``raise_in_window`` raises one more in every upgrade while no VMM runs;
     ``quiet_upgrades`` keeps the device stream from raising during upgrades;
-    ``interval`` is the device's pause between two raises (0: back to back).
+    ``interval`` is the device's pause between two raises (0: back to back);
+    ``land_timeout``: seconds after which a raise that has not landed counts
+    as never landed; ``zygote`` forks the VMMs (the run starts and stops its
+    own if None: a fresh interpreter costs seconds under TCG, so a caller
+    that runs many short runs passes one).
     """
     faults = faults or {}
     targets = targets_for(nr_vcpus, len(edus))
-    zygote = Zygote()
-    raiser = Raiser(edus, targets, interval)
+    own_zygote = zygote is None
+    zygote = zygote or Zygote()
+    raiser = Raiser(edus, targets, interval, land_timeout)
     log: list[list[Any]] = []
     downtimes: list[Downtime] = []
     acked = 0
-    vmm = zygote.spawn(strategy, vapic, opts)
+    try:
+        vmm = zygote.spawn(strategy, vapic, opts)
+    except BaseException:
+        if own_zygote:
+            zygote.close()
+        raise
     try:
         vmm.call("setup", [e.vfio.fd for e in edus], targets=targets, nr_vcpus=nr_vcpus)
         raiser.start()
@@ -593,7 +611,8 @@ def run(
                 vmm.call("release")
             finally:
                 vmm.close()
-                zygote.close()
+                if own_zygote:
+                    zygote.close()
     fetches = [Fetch(t, v, frozenset(vecs), side, end) for t, end, v, vecs, side in log]
     report = check(raiser.raises, fetches)
     return RunResult(
@@ -607,6 +626,7 @@ def run(
         acked,
         raiser.unlanded,
         (raiser.raises, fetches),
+        raiser.land_max * 1e3,
     )
 
 

@@ -66,6 +66,11 @@ def test_matrix_order_and_ablations() -> None:
     assert [o for v, _, s, o in c if v == 88 and s == "shared"] == ["all", "none", *ABLATIONS]
     assert not [o for v, _, s, o in c if v == 8 and o in ABLATIONS]
     assert len(configs([8, 64, 88], ["idle", "cpu", "memory", "disk"], ["shared"], False)) == 24
+    # Ablations run under idle unless asked for other workloads too.
+    both = configs([88], ["idle", "cpu"], ["shared"], ablate=True)
+    assert [w for _, w, _, o in both if o in ABLATIONS] == ["idle"] * len(ABLATIONS)
+    both = configs([88], ["idle", "cpu"], ["shared"], True, ("idle", "cpu"))
+    assert len([o for *_, o in both if o in ABLATIONS]) == 2 * len(ABLATIONS)
 
 
 def run(v: int, s: str, o: str, p50: float, lost: int = 0) -> dict[str, object]:
