@@ -122,6 +122,7 @@ $(STAMPS)/apt-debug: Makefile tools/apt-ensure.sh
 test-debug: deps venv $(STAMPS)/apt-debug
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH tools/debug-kernel.sh $(DEBUG_CACHE) $(DEBUG_MODULES)
 	$(KVMLU) vm --kernel $(DEBUG_CACHE)/linux-debug --memory 2048 --edu 3 --timeout 10800 \
+		--require-kmemleak \
 		--module $(DEBUG_MODULES)/kmod/kvmlu.ko \
 		--module $(DEBUG_MODULES)/kmod/kvmlu_vapic_v1.ko \
 		--module $(DEBUG_MODULES)/kmod/kvmlu_vapic_v2.ko \

@@ -14,15 +14,17 @@ runs as root inside the virtme-ng guest that :mod:`pyctl.vm` boots:
    results folder shared with the host);
 5. unloads the modules in reverse order; a module that will not unload means
    leaked objects and fails the run;
-6. scans the kernel log written since the marker (plus kmemleak, when the kernel
-   has it) with :func:`pyctl.klog.scan`;
+6. scans the kernel log written since the marker with :func:`pyctl.klog.scan`,
+   and kmemleak's report when the kernel has kmemleak (debugfs is mounted if
+   it is not; ``--require-kmemleak`` makes a kernel without it a failure);
 7. writes ``status.json`` next to ``kmsg.log`` and exits non-zero if COMMAND
    failed or any check did.
 
 ``status.json`` holds ``command_status`` (COMMAND's exit status, 128+N when
 killed by signal N, null when it was not run), ``klog_findings``,
 ``rmmod_errors``, ``setup_errors``, ``edu`` (one ``{"bdf", "group", "vfio"}``
-per function) and ``ok``.
+per function), ``kmemleak_reports`` (objects kmemleak's final scan reported,
+null when it did not scan) and ``ok``.
 """
 
 from __future__ import annotations
@@ -55,7 +57,10 @@ EDU_DEVICE = 0x11E8
 PCI_DEVICES = Path("/sys/bus/pci/devices")
 VFIO_PCI_DRIVER = Path("/sys/bus/pci/drivers/vfio-pci")
 DEV_KVMLU = Path("/dev/kvmlu")
-KMEMLEAK = Path("/sys/kernel/debug/kmemleak")
+DEBUGFS = Path("/sys/kernel/debug")
+KMEMLEAK = DEBUGFS / "kmemleak"
+# kmemleak reports an object only once it is this old (MSECS_MIN_AGE).
+KMEMLEAK_MIN_AGE = 5.0
 
 DEFAULT_WAIT = 30.0
 POLL_INTERVAL = 0.05
@@ -258,16 +263,49 @@ def bind_edu(bdfs: Sequence[str], timeout: float) -> tuple[list[dict[str, Any]],
     return devices, errors
 
 
-def _kmemleak(command: str) -> list[str]:
-    """Send *command* to kmemleak (if the kernel has it); on "scan" return its report."""
-    if not KMEMLEAK.exists():
-        return []
-    try:
-        KMEMLEAK.write_text(command)
-        return KMEMLEAK.read_text().splitlines() if command == "scan" else []
-    except OSError as e:
-        say(f"kmemleak {command}: {e}")
-        return []
+class Kmemleak:
+    """kmemleak's debugfs file: cleared when the run starts, scanned when it ends."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or KMEMLEAK
+        self.enabled = False
+
+    def start(self) -> str | None:
+        """Forget every object allocated so far; why kmemleak is unusable, or None."""
+        if not self.path.exists():
+            return (
+                f"{self.path} is missing: a kernel without CONFIG_DEBUG_KMEMLEAK, "
+                "or debugfs is not mounted"
+            )
+        try:
+            self.path.write_text("clear")
+            # No scans of its own: reports come from the one at the end (and
+            # "scan=off" is refused when kmemleak has turned itself off).
+            self.path.write_text("scan=off")
+        except OSError as e:
+            return (
+                f"kmemleak is off ({e.strerror}): booted with kmemleak=off, "
+                "or it ran out of its object pool"
+            )
+        self.enabled = True
+        return None
+
+    def scan(self) -> list[str]:
+        """Scan now; the report (one block per suspected leak)."""
+        self.path.write_text("scan")
+        return self.path.read_text().splitlines()
+
+
+def count_leaks(report: Sequence[str]) -> int:
+    """How many objects a kmemleak report lists."""
+    return sum(1 for line in report if line.startswith("unreferenced object 0x"))
+
+
+def mount_debugfs() -> str | None:
+    """Mount debugfs where kmemleak expects it unless it is; an error, or None."""
+    if os.path.ismount(DEBUGFS):
+        return None
+    return _run_tool(["mount", "-t", "debugfs", "debugfs", str(DEBUGFS)])
 
 
 def run_command(command: Sequence[str], env: dict[str, str]) -> int:
@@ -300,6 +338,7 @@ class Outcome:
     klog_findings: list[str] = field(default_factory=list)
     edu: list[dict[str, Any]] = field(default_factory=list)
     kmsg_lost: int = 0
+    kmemleak_reports: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -328,6 +367,7 @@ class Outcome:
             "rmmod_errors": self.rmmod_errors,
             "klog_findings": self.klog_findings,
             "kmsg_lost": self.kmsg_lost,
+            "kmemleak_reports": self.kmemleak_reports,
             "edu": self.edu,
         }
 
@@ -384,6 +424,32 @@ def _setup(args: argparse.Namespace, out: Outcome, loaded: list[str]) -> None:
         say(f"edu {dev['bdf']} vfio-pci, iommu group {dev['group']}, {dev['vfio']}")
 
 
+def _start_kmemleak(required: bool, out: Outcome) -> Kmemleak:
+    leak = Kmemleak()
+    problem = mount_debugfs() or leak.start()
+    if problem is not None:
+        say(f"kmemleak not used: {problem}")
+        if required:
+            out.setup_errors.append(f"kmemleak is required: {problem}")
+    return leak
+
+
+def _finish_kmemleak(leak: Kmemleak, out: Outcome) -> list[str]:
+    """kmemleak's report after the modules are gone (empty if it is not used)."""
+    if not leak.enabled:
+        return []
+    # What the last test leaked must be old enough to be reported.
+    time.sleep(KMEMLEAK_MIN_AGE + 1)
+    try:
+        report = leak.scan()
+    except OSError as e:
+        out.setup_errors.append(f"kmemleak scan failed: {e}")
+        return []
+    out.kmemleak_reports = count_leaks(report)
+    say(f"kmemleak: scanned, {out.kmemleak_reports} suspected leaks")
+    return report
+
+
 def run(args: argparse.Namespace) -> Outcome:
     """Do one guest run as described in the module docstring."""
     status_file: Path = args.status_file
@@ -391,10 +457,11 @@ def run(args: argparse.Namespace) -> Outcome:
     say(f"started {uptime():.1f} s after boot")
     reader = KmsgReader()
     kmsg_write(MARKER_START)
-    _kmemleak("clear")
+    leak = _start_kmemleak(args.require_kmemleak, out)
     loaded: list[str] = []
     try:
-        _setup(args, out, loaded)
+        if not out.setup_errors:
+            _setup(args, out, loaded)
         if out.setup_errors:
             for problem in out.setup_errors:
                 say(f"SETUP FAILED: {problem}")
@@ -414,7 +481,7 @@ def run(args: argparse.Namespace) -> Outcome:
             if err is not None:
                 out.rmmod_errors.append(err)
                 say(f"RMMOD FAILED (leaked objects?): {err}")
-        leaks = _kmemleak("scan")
+        leaks = _finish_kmemleak(leak, out)
         kmsg_write(MARKER_END)
         if not reader.stop():
             out.setup_errors.append("kernel log reader did not stop")
@@ -447,6 +514,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=[],
         metavar="KEY=VALUE",
         help="extra environment variable for COMMAND",
+    )
+    p.add_argument(
+        "--require-kmemleak",
+        action="store_true",
+        help="fail the run unless kmemleak is on and scans at the end",
     )
     p.add_argument(
         "--wait",

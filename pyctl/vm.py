@@ -174,6 +174,7 @@ class VmOptions:
     env: list[str] = field(default_factory=list)
     console: bool = False
     scratch_mb: int = 0
+    require_kmemleak: bool = False
     checkout: Path = CHECKOUT
     python: Path = field(default_factory=lambda: Path(sys.executable))
     vng: Path = Path("vng")
@@ -197,6 +198,8 @@ def guest_command(opts: VmOptions) -> str:
         argv += ["--module", str(module)]
     for item in [f"KVMLU_ACCEL={opts.accel}", *opts.env]:
         argv += ["--env", item]
+    if opts.require_kmemleak:
+        argv.append("--require-kmemleak")
     argv += ["--", *opts.command]
     return f"PYTHONPATH={shlex.quote(str(opts.checkout))} exec {shlex.join(argv)} 2>&1"
 
@@ -493,6 +496,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="extra guest kernel parameter (repeatable)",
     )
     parser.add_argument(
+        "--require-kmemleak",
+        action="store_true",
+        help="fail unless the guest kernel's kmemleak is on and scans after the run",
+    )
+    parser.add_argument(
         "--env",
         dest="vm_env",
         action="append",
@@ -563,6 +571,7 @@ def options_from_args(args: argparse.Namespace) -> VmOptions:
         env=list(args.vm_env),
         console=args.console,
         scratch_mb=args.scratch_mb,
+        require_kmemleak=args.require_kmemleak,
         vng=find_vng(),
     )
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pyctl import guest, vm
+from pyctl import guest, klog, vm
 
 
 def fake_kernel(tmp_path: Path) -> vm.KernelInfo:
@@ -303,3 +303,73 @@ def test_guest_command_env_lists_the_modules_it_loaded(tmp_path: Path) -> None:
     assert env["KVMLU_MODULES"].split(":") == [str(m) for m in mods]
     assert env["KVMLU_EDU"] == "0000:00:0a.0" and env["A"] == "1"
     assert guest._command_env([], tmp_path, [])["KVMLU_MODULES"] == ""
+
+
+def test_require_kmemleak_reaches_the_guest_runner(tmp_path: Path) -> None:
+    for required in (False, True):
+        words = shlex.split(
+            value_of(vm.build_command(options(tmp_path, require_kmemleak=required)), "--exec")
+        )
+        assert ("--require-kmemleak" in words) is required
+        assert guest.parse_args(words[5:-1]).require_kmemleak is required
+
+
+KMEMLEAK_REPORT = """\
+unreferenced object 0xffff888003a8c000 (size 64):
+  comm "python3", pid 301, jiffies 4294937296 (age 12.004s)
+  hex dump (first 32 bytes):
+  backtrace:
+    [<000000001c3bd8fd>] kmalloc_trace+0x26/0x60
+unreferenced object 0xffff888003a8d000 (size 128):
+  comm "python3", pid 301, jiffies 4294937300 (age 12.000s)
+"""
+
+
+def test_kmemleak_clear_then_scan(tmp_path: Path) -> None:
+    node = tmp_path / "kmemleak"
+    node.write_text("")
+    leak = guest.Kmemleak(node)
+    assert leak.start() is None and leak.enabled
+    assert node.read_text() == "scan=off", "no scans of its own during the run"
+    assert leak.scan() == ["scan"]  # what a file gives back; the kernel gives its report
+    assert guest.count_leaks(KMEMLEAK_REPORT.splitlines()) == 2
+    assert guest.count_leaks([]) == 0
+
+
+def test_kmemleak_missing_or_off(tmp_path: Path) -> None:
+    leak = guest.Kmemleak(tmp_path / "absent")
+    assert "missing" in str(leak.start()) and not leak.enabled
+    (tmp_path / "off").mkdir()  # a write that fails, as kmemleak's EPERM when it is off
+    leak = guest.Kmemleak(tmp_path / "off")
+    assert "kmemleak is off" in str(leak.start()) and not leak.enabled
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_kmemleak_required_fails_setup_when_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, required: bool
+) -> None:
+    monkeypatch.setattr(guest, "mount_debugfs", lambda: None)
+    monkeypatch.setattr(guest, "KMEMLEAK", tmp_path / "absent")
+    out = guest.Outcome(command=["true"], modules=[])
+    leak = guest._start_kmemleak(required, out)
+    assert not leak.enabled
+    assert bool(out.setup_errors) is required
+    assert guest._finish_kmemleak(leak, out) == [] and out.kmemleak_reports is None
+
+
+def test_kmemleak_reports_are_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Fake(guest.Kmemleak):
+        def scan(self) -> list[str]:
+            return KMEMLEAK_REPORT.splitlines()
+
+    monkeypatch.setattr(guest, "KMEMLEAK_MIN_AGE", -1.0)
+    node = tmp_path / "kmemleak"
+    node.write_text("")
+    leak = Fake(node)
+    assert leak.start() is None
+    out = guest.Outcome(command=["true"], modules=[], command_status=0)
+    report = guest._finish_kmemleak(leak, out)
+    assert out.kmemleak_reports == 2
+    assert out.to_json()["kmemleak_reports"] == 2
+    # The report's lines are kernel log findings like any other.
+    assert klog.scan(report)
