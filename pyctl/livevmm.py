@@ -598,8 +598,6 @@ class LiveVmm:
         return {
             **stamps,
             "device_ready": t_dev,
-            "header_lagged": float(self.header_lagged),
-            "vapic_inherited": float(self.vapic_inherited),
             "loaded": t_loaded,
             "ready": t_ready,
             "running": running,
@@ -713,7 +711,11 @@ def _handle(vmm: LiveVmm, msg: dict[str, Any], fds: list[int]) -> tuple[dict[str
         "prepare": lambda: {"t": vmm.prepare(msg["manifest"], fds)},
         "pause_save": lambda: {"t": vmm.pause_save(bool(msg.get("hold")))},
         "let_go": vmm.let_go,
-        "takeover": lambda: {"t": vmm.takeover(msg.get("fail"))},
+        "takeover": lambda: {
+            "t": vmm.takeover(msg.get("fail")),
+            "header_lagged": vmm.header_lagged,
+            "vapic_inherited": vmm.vapic_inherited,
+        },
         "resume": lambda: {"t": vmm.resume()},
         "preserve": lambda: vmm.preserve(msg["name"]),
         "prepare_session": lambda: {"t": vmm.prepare_session(msg["name"])},

@@ -463,7 +463,7 @@ def upgrade(  # noqa: PLR0917 - the run's parameters, passed through
             new.send("takeover", fail=fail)
         elif not opts.concurrent:
             new.send("takeover", fail=fail)
-        took = new.recv("takeover")[0]["t"]
+        took = new.recv("takeover")[0]
     except VmmError as e:
         if e.handle is old:
             raise
@@ -485,13 +485,11 @@ def upgrade(  # noqa: PLR0917 - the run's parameters, passed through
     return new, _downtime(stamps, took, started_in_window)
 
 
-def _downtime(saved: dict[str, float], took: dict[str, Any], started: float) -> Downtime:
+def _downtime(saved: dict[str, float], reply: dict[str, Any], started: float) -> Downtime:
     """An upgrade's downtime from the old VMM's ``pause_save`` stamps and the new
-    one's ``takeover`` reply; ``started``: seconds spent starting the new VMM
-    after the save."""
-    took = dict(took)
-    lagged = int(took.pop("header_lagged", 0))
-    handed = bool(took.pop("vapic_inherited", 0))
+    one's ``takeover`` reply (its stamps in ``t``); ``started``: seconds spent
+    starting the new VMM after the save."""
+    took: dict[str, float] = reply["t"]
     return Downtime(
         saved["pause"],
         saved["suspended"],
@@ -499,8 +497,8 @@ def _downtime(saved: dict[str, float], took: dict[str, Any], started: float) -> 
         took["loaded"],
         took["running"],
         started_in_window=started,
-        header_lagged=lagged,
-        vapic_handed=handed,
+        header_lagged=int(reply.get("header_lagged", 0)),
+        vapic_handed=bool(reply.get("vapic_inherited", False)),
         detail={
             **{f"old_{k}": v for k, v in saved.items()},
             **{f"new_{k}": v for k, v in took.items()},
@@ -522,7 +520,7 @@ def _upgrade_old_dies(
     new = zygote.spawn(strategy, vapic, opts)
     new.call("prepare_session", name=name)
     started = time.monotonic() - t_start
-    took = new.call("takeover")[0]["t"]
+    took = new.call("takeover")[0]
     return new, _downtime(stamps, took, started)
 
 

@@ -10,7 +10,7 @@ import pytest
 from pyctl.bench_upgrade import ABLATIONS, configs, merge, ratios, run_entry, table
 from pyctl.check import check
 from pyctl.livevmm import Optimisations
-from pyctl.upgrade import Downtime, RunResult, targets_for
+from pyctl.upgrade import Downtime, RunResult, _downtime, targets_for
 
 
 def test_optimisation_specs() -> None:
@@ -125,3 +125,18 @@ def test_run_entry_records_where_the_time_goes() -> None:
     assert e["stamps_p50_ms"] == pytest.approx({"old_pause": 0, "old_saved": 2, "new_running": 4})
     assert e["vapic_handed"] == 1 and e["rolled_back"] == 1
     assert e["downtimes_ms"] == pytest.approx([4, 10])
+
+
+def test_downtime_from_the_takeover_reply() -> None:
+    saved = {"pause": 1.0, "suspended": 1.001, "saved": 1.002}
+    reply = {
+        "t": {"woke": 1.0025, "loaded": 1.003, "running": 1.004},
+        "header_lagged": 2,
+        "vapic_inherited": True,
+    }
+    d = _downtime(saved, reply, 0.0)
+    assert d.total_ms == pytest.approx(4.0)
+    assert (d.header_lagged, d.vapic_handed) == (2, True)
+    # Only stamps are stamps: the counters stay out of "where the time goes".
+    assert set(d.detail) == {f"old_{k}" for k in saved} | {f"new_{k}" for k in reply["t"]}
+    assert _downtime(saved, {"t": reply["t"]}, 0.0).vapic_handed is False
