@@ -9,7 +9,8 @@
 #   tools/fuzz.sh PYTHON JOBS EXAMPLES LOGDIR [PYTEST_ARGS...]
 #
 # Exits non-zero if any process failed; each one's output is in
-# LOGDIR/fuzz-N.log and printed at the end.
+# LOGDIR/fuzz-N.log and printed at the end, with the sums of what ran
+# (programs, their steps, malformed calls; LOGDIR/stats-N.json).
 
 set -u
 
@@ -23,10 +24,12 @@ cd "$(dirname "$0")/.."
 mkdir -p "$logdir"
 
 echo "fuzz: $jobs processes x $per programs, started $(date +%T)"
+start=$(date +%s)
+rm -f "$logdir"/stats-*.json
 pids=
 i=0
 while [ "$i" -lt "$jobs" ]; do
-	KVMLU_FUZZ_EXAMPLES=$per KVMLU_FUZZ_EDU=$i \
+	KVMLU_FUZZ_EXAMPLES=$per KVMLU_FUZZ_EDU=$i KVMLU_FUZZ_STATS=$logdir/stats-$i.json \
 		"$py" -m pytest -p no:cacheprovider -q --durations=5 \
 		tests/kernel/test_fuzz_stateful.py tests/kernel/test_fuzz_malformed.py "$@" \
 		> "$logdir/fuzz-$i.log" 2>&1 &
@@ -47,5 +50,12 @@ for pid in $pids; do
 	cat "$logdir/fuzz-$i.log"
 	i=$((i + 1))
 done
+"$py" -c '
+import json, pathlib, sys
+docs = [json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("stats-*.json"))]
+progs, steps, calls = (sum(d[k] for d in docs) for k in ("programs", "steps", "malformed_calls"))
+print(f"fuzz: {progs} programs, {steps} steps, {calls} malformed calls in {sys.argv[2]} s "
+      f"({len(docs)} processes reported)")
+' "$logdir" "$(( $(date +%s) - start ))" || status=1
 echo "fuzz: finished $(date +%T)"
 exit $status

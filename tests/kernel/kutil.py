@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -76,3 +77,31 @@ def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.001)
+
+
+class FuzzStats:
+    """What the fuzzers of one pytest process ran: programs, steps, calls.
+
+    ``make fuzz`` reports the sums (``tools/fuzz.sh``); each process writes
+    its counts as JSON to ``$KVMLU_FUZZ_STATS`` when a fuzz module ends.
+    """
+
+    def __init__(self) -> None:
+        self.counts = {"programs": 0, "steps": 0, "malformed_calls": 0}
+        self.started: float | None = None
+
+    def add(self, key: str, n: int = 1) -> None:
+        if self.started is None:
+            self.started = time.monotonic()
+        self.counts[key] += n
+
+    def write(self) -> None:
+        path = os.environ.get("KVMLU_FUZZ_STATS")
+        if not path:
+            return
+        seconds = 0.0 if self.started is None else time.monotonic() - self.started
+        doc = {**self.counts, "seconds": round(seconds, 1)}
+        Path(path).write_text(json.dumps(doc) + "\n")
+
+
+fuzz_stats = FuzzStats()

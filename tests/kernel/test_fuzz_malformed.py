@@ -13,7 +13,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kutil import raw_arg, snapshot
+from kutil import fuzz_stats, raw_arg, snapshot
 
 from pyctl.errors import KvmluError
 from pyctl.kvmlu import Device, Table
@@ -99,6 +99,7 @@ def test_malformed_calls(
     fd_kind: str,
 ) -> None:
     """Each call returns the errno the rules predict; a refused call changes nothing."""
+    fuzz_stats.add("malformed_calls")
     struct, _, reserved_fields, values = OPS[name]
     with Device() as dev, dev.create_table(NR_VCPUS) as table:
         bound_src = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -167,3 +168,7 @@ def _fd(kind: str, dev: Device, table: Table, bound: int, opened: list[Any]) -> 
     fd = os.open("/proc/version", os.O_RDONLY | os.O_CLOEXEC)
     opened.append(fd)
     return fd
+
+
+def teardown_module() -> None:
+    fuzz_stats.write()

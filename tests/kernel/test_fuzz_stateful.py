@@ -38,7 +38,7 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-from kutil import wait_readable
+from kutil import fuzz_stats, wait_readable
 
 from pyctl.edu import Edu, find_vfio_edu
 from pyctl.errors import KvmluError
@@ -157,6 +157,7 @@ def _serve_successors(req_r: int, rep_w: int) -> None:
 def teardown_module() -> None:
     _Successor.stop()
     _EduSource.close()
+    fuzz_stats.write()
 
 
 def _drain(fd: int) -> int:
@@ -176,6 +177,8 @@ class KvmluMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
+        fuzz_stats.add("programs")
+        self.checked_once = False  # invariants run once before the first step
         _Successor.start()  # before this process holds anything of the module
         self.dev = Device()
         self.real: dict[int, Table] = {}
@@ -491,6 +494,12 @@ class KvmluMachine(RuleBasedStateMachine):
     @rule(vp=consumes(vapics))
     def close_vapic(self, vp: int) -> None:
         self.vapics_open.pop(vp)[0].close()
+
+    @invariant()
+    def count_steps(self) -> None:
+        if self.checked_once:
+            fuzz_stats.add("steps")
+        self.checked_once = True
 
     @invariant()
     def vapics_match(self) -> None:
