@@ -69,6 +69,7 @@ NOTIFY_VECTOR = 0xF2
 REALTIME_PRIORITY = 10
 CONFIG_BYTES = 64  # the standard PCI header: what a device's "state" is here
 _HDR = struct.Struct("<QQ")  # vAPIC blob length, device state length
+_STATE_LEN = struct.Struct("<Q")  # the header's second field alone
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +173,6 @@ class LiveVmm:
         self.acked = 0
         self.side = "vmm"
         self.notify_attached = True  # False while the table's targets are not ours
-        self.header_lagged = 0  # ready signals that came before their header
         self.unbound = False
         # This upgrade's vAPIC state: the old VMM handed the object over (no
         # blob), or saved its blob; the new VMM inherited the object.
@@ -466,7 +466,7 @@ class LiveVmm:
         t_blob = time.monotonic()
         config = self.config if self.config is not None else self._read_configs()
         m[_HDR.size + n : _HDR.size + n + len(config)] = config
-        _HDR.pack_into(m, 0, n, len(config))
+        _set_state_len(m, len(config))
         t2 = time.monotonic()  # before the signal: the new VMM may run at once
         if not hold:
             os.eventfd_write(self.ready_fd, 1)
@@ -479,6 +479,12 @@ class LiveVmm:
             "vapic_saved": t_blob,
             "saved": t2,
         }
+
+    def abandon(self) -> None:
+        """The new VMM it exported to is gone, and this one never paused:
+        forget that export (its state memfd, and that the vAPIC object was
+        handed over, so that a later pause saves the blob again)."""
+        self._drop_state()
 
     def let_go(self) -> None:
         """The last signal that :meth:`pause_save` held back."""
@@ -562,9 +568,6 @@ class LiveVmm:
         if not self.vapic_inherited:
             os.eventfd_read(self.ready_fd)  # blocks until the vAPIC blob is written
             stamps["load"] = time.monotonic()
-            # The header, not the signal, says what is there: a signal with no
-            # blob behind it has been seen (about once in 300 upgrades, cause
-            # not found yet), so wait for the header and count how often it lagged.
             blob_len, _ = self._header(lambda h: h[0] != 0)
             self.vapic.load(memoryview(m)[_HDR.size : _HDR.size + blob_len])
             stamps["vapic_loaded"] = time.monotonic()
@@ -604,17 +607,11 @@ class LiveVmm:
         }
 
     def _header(self, ready: Callable[[tuple[int, int]], bool]) -> tuple[int, int]:
-        """The state header once ``ready`` holds for it (at most 2 s)."""
+        """The state header, which a ready signal promises to be ``ready``."""
         assert self.state_map is not None
-        deadline = time.monotonic() + 2.0
         h: tuple[int, int] = _HDR.unpack_from(self.state_map, 0)
         if not ready(h):
-            self.header_lagged += 1
-            while not ready(h):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"ready signal but no saved state: header {h}")
-                time.sleep(0.0001)
-                h = _HDR.unpack_from(self.state_map, 0)
+            raise RuntimeError(f"ready signal but no saved state: header {h}")
         return h
 
     def _drop_state(self) -> None:
@@ -677,6 +674,17 @@ class LiveVmm:
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 
 
+def _set_state_len(m: mmap.mmap, n: int) -> None:
+    """Write the header's device state length, and nothing else.
+
+    The new VMM may be reading the blob length beside it at this moment:
+    packing the whole header again would not do, because ``pack_into``
+    zero-fills its destination before it writes the fields, and a reader
+    between the two sees a blob length of 0.
+    """
+    _STATE_LEN.pack_into(m, _HDR.size - _STATE_LEN.size, n)
+
+
 def _prefault(m: mmap.mmap) -> mmap.mmap:
     """Populate every page of a shared mapping, writable, so that the save and
     the load in the window take no page fault (each one allocates a page of
@@ -711,9 +719,9 @@ def _handle(vmm: LiveVmm, msg: dict[str, Any], fds: list[int]) -> tuple[dict[str
         "prepare": lambda: {"t": vmm.prepare(msg["manifest"], fds)},
         "pause_save": lambda: {"t": vmm.pause_save(bool(msg.get("hold")))},
         "let_go": vmm.let_go,
+        "abandon": vmm.abandon,
         "takeover": lambda: {
             "t": vmm.takeover(msg.get("fail")),
-            "header_lagged": vmm.header_lagged,
             "vapic_inherited": vmm.vapic_inherited,
         },
         "resume": lambda: {"t": vmm.resume()},

@@ -331,7 +331,6 @@ class Downtime:
     rolled_back: bool = False
     started_in_window: float = 0.0  # seconds spent starting the new VMM after the save
     detail: dict[str, float] = field(default_factory=dict)  # every stamp, both sides
-    header_lagged: int = 0  # ready signals the new VMM got before the state header
     vapic_handed: bool = False  # the new VMM inherited the vAPIC object (no blob)
 
     @property
@@ -386,7 +385,6 @@ class RunResult:
             "raised": self.raises,
             "never_landed": self.unlanded,
             "land_ms_max": round(self.land_ms_max, 3),
-            "header_lagged": sum(d.header_lagged for d in self.downtimes),
             "deliveries": self.deliveries,
             "acked": self.acked,
             "lost": self.report.lost,
@@ -434,14 +432,18 @@ def upgrade(  # noqa: PLR0917 - the run's parameters, passed through
 
     def start_new() -> VmmHandle:
         h = zygote.spawn(strategy, vapic, opts)
-        if fail == "start":
-            os.kill(h.pid, signal.SIGKILL)  # dies before it could prepare
-        reply, got = old.call("export", vapic=vapic)
         try:
-            h.call("prepare", got, manifest=reply["manifest"])
-        finally:
-            for fd in got:
-                os.close(fd)
+            if fail == "start":
+                os.kill(h.pid, signal.SIGKILL)  # dies before it could prepare
+            reply, got = old.call("export", vapic=vapic)
+            try:
+                h.call("prepare", got, manifest=reply["manifest"])
+            finally:
+                for fd in got:
+                    os.close(fd)
+        except BaseException:
+            h.kill()  # whoever failed, this one is not going to run
+            raise
         return h
 
     try:
@@ -471,6 +473,7 @@ def upgrade(  # noqa: PLR0917 - the run's parameters, passed through
         if new is not None:
             new.kill()
         if stamps is None:  # the old VMM never paused: no downtime at all
+            old.call("abandon")
             now = time.monotonic()
             return old, Downtime(now, now, now, now, now, rolled_back=True)
         r = old.call("resume")[0]["t"]
@@ -497,7 +500,6 @@ def _downtime(saved: dict[str, float], reply: dict[str, Any], started: float) ->
         took["loaded"],
         took["running"],
         started_in_window=started,
-        header_lagged=int(reply.get("header_lagged", 0)),
         vapic_handed=bool(reply.get("vapic_inherited", False)),
         detail={
             **{f"old_{k}": v for k, v in saved.items()},

@@ -201,3 +201,14 @@ def test_old_vmm_that_dies_after_the_save_is_replaced_from_a_session(edus: list[
     assert_clean(r)
     with Device() as dev:
         assert dev.list_sessions() == []
+
+
+def test_old_vmm_dies_after_a_failed_start_still_saves_its_vapic(edus: list[Edu]) -> None:
+    # The failed start was handed the vAPIC object and never ran; the next
+    # upgrade (the old VMM killed after its save) hands nothing over, so
+    # the old VMM must save its vAPIC blob for the session again.
+    r = upgrade_run(edus, "shared", faults={0: "start", 1: "old"})
+    assert r.report.ok, r.report.text()
+    assert [d.rolled_back for d in r.downtimes] == [True, False, False, False]
+    with Device() as dev:
+        assert dev.list_sessions() == []
