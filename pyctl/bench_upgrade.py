@@ -30,6 +30,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,16 +183,47 @@ def run_entry(workload: str, r: RunResult, wall_s: float) -> dict[str, Any]:
     }
 
 
-def bench(args: argparse.Namespace) -> int:
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    doc: dict[str, Any] = {
+def start_doc(path: Path, upgrades: int, land_timeout: float, resume: bool) -> dict[str, Any]:
+    """The benchmark's document: a fresh one, or with ``resume`` the one at
+    ``path`` (if any) to add the missing rows to, which must have been
+    measured the same way in the same environment."""
+    fresh: dict[str, Any] = {
         "environment": environment(),
-        "upgrades_per_run": args.upgrades,
-        "land_timeout_s": args.land_timeout,
+        "upgrades_per_run": upgrades,
+        "land_timeout_s": land_timeout,
+        "boots": 1,
         "exec_startup_s": [],
         "runs": [],
     }
+    if not resume or not path.exists():
+        return fresh
+    doc: dict[str, Any] = json.loads(path.read_text())
+    for key in ("upgrades_per_run", "land_timeout_s"):
+        if doc.get(key) != fresh[key]:
+            raise ValueError(f"--resume: {path} has {key} {doc.get(key)}, this run {fresh[key]}")
+    for key in ("kernel", "guest_cpus", "guest_cpu_model", "accel"):
+        if doc["environment"].get(key) != fresh["environment"][key]:
+            raise ValueError(
+                f"--resume: {path} was measured with {key} {doc['environment'].get(key)!r}, "
+                f"this run has {fresh['environment'][key]!r}"
+            )
+    doc["boots"] = doc.get("boots", 1) + 1
+    return doc
+
+
+def row_key(r: dict[str, Any]) -> tuple[int, str, str, str]:
+    """A run's configuration: (vCPUs, workload, strategy, optimisations)."""
+    return (r["vcpus"], r["workload"], r["strategy"], r["optimisations"])
+
+
+def bench(args: argparse.Namespace) -> int:
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        doc = start_doc(out, args.upgrades, args.land_timeout, args.resume)
+    except ValueError as e:
+        print(f"kvmlu bench upgrade: {e}", file=sys.stderr)
+        return 2
     todo = configs(
         args.vcpus,
         args.workloads,
@@ -199,11 +231,15 @@ def bench(args: argparse.Namespace) -> int:
         not args.no_ablations,
         tuple(args.ablation_workloads),
     )
+    done = {row_key(r) for r in doc["runs"]}
+    if done:
+        print(f"resuming {out}: {len(done)} rows measured, {len(todo)} in this matrix", flush=True)
+    todo = [c for c in todo if (c[0], c[1], c[2], Optimisations.parse(c[3]).label()) not in done]
     edus = open_edus(3)
     started = time.monotonic()
     zygote: Zygote | None = None
     try:
-        doc["exec_startup_s"] = exec_startup(3)
+        doc["exec_startup_s"] += exec_startup(3)
         # One zygote for the whole matrix: each run would otherwise pay a
         # fresh interpreter's start-up (seconds under TCG) outside its
         # upgrades. It holds no kvmlu object and forks every VMM afresh.
@@ -220,7 +256,7 @@ def bench(args: argparse.Namespace) -> int:
                     land_timeout=args.land_timeout,
                     zygote=zygote,
                 )
-            entry = run_entry(w, r, time.monotonic() - t_run)
+            entry = {**run_entry(w, r, time.monotonic() - t_run), "boot": doc["boots"]}
             doc["runs"].append(entry)
             d = entry["downtime_ms"]
             print(
@@ -381,6 +417,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "records its slowest landing as land_ms_max",
     )
     p.add_argument("--json", default="results/bench/upgrade.json", help="where to write")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="add only the rows the JSON file lacks (a matrix too long for one boot); "
+        "it must have been measured with the same upgrades, landing timeout and guest",
+    )
 
 
 def add_report_arguments(p: argparse.ArgumentParser) -> None:

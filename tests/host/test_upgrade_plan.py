@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from pyctl.bench_upgrade import ABLATIONS, configs, merge, ratios, run_entry, table
+from pyctl.bench_upgrade import (
+    ABLATIONS,
+    configs,
+    merge,
+    ratios,
+    row_key,
+    run_entry,
+    start_doc,
+    table,
+)
 from pyctl.check import check
 from pyctl.livevmm import Optimisations
 from pyctl.upgrade import Downtime, RunResult, _downtime, targets_for
@@ -139,3 +148,23 @@ def test_downtime_from_the_takeover_reply() -> None:
     # Only stamps are stamps: the counters stay out of "where the time goes".
     assert set(d.detail) == {f"old_{k}" for k in saved} | {f"new_{k}" for k in reply["t"]}
     assert _downtime(saved, {"t": reply["t"]}, 0.0).vapic_handed is False
+
+
+def test_resume_keeps_what_was_measured_the_same_way(tmp_path: Path) -> None:
+    path = tmp_path / "upgrade.json"
+    fresh = start_doc(path, 50, 1.0, resume=True)  # nothing there yet
+    assert (fresh["boots"], fresh["runs"]) == (1, [])
+    fresh["runs"].append({**run(88, "shared", "all", 3.7), "boot": 1})
+    path.write_text(json.dumps(fresh))
+    again = start_doc(path, 50, 1.0, resume=True)
+    assert again["boots"] == 2
+    assert [row_key(r) for r in again["runs"]] == [(88, "idle", "shared", "all")]
+    assert start_doc(path, 50, 1.0, resume=False)["runs"] == []
+    with pytest.raises(ValueError, match="upgrades_per_run"):
+        start_doc(path, 60, 1.0, resume=True)
+    with pytest.raises(ValueError, match="land_timeout_s"):
+        start_doc(path, 50, 5.0, resume=True)
+    fresh["environment"]["kernel"] = "another"
+    path.write_text(json.dumps(fresh))
+    with pytest.raises(ValueError, match="kernel"):
+        start_doc(path, 50, 1.0, resume=True)
