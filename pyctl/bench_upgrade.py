@@ -265,7 +265,10 @@ def bench(args: argparse.Namespace) -> int:
                 f"spurious {entry['spurious']} dup {entry['duplicated']}",
                 flush=True,
             )
-            out.write_text(json.dumps(doc, indent=1))
+            # Whole or not at all: the VM may be stopped at any moment.
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(json.dumps(doc, indent=1))
+            os.replace(tmp, out)
     finally:
         if zygote is not None:
             zygote.close()
