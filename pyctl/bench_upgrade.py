@@ -88,6 +88,7 @@ def workload_argv(name: str) -> list[str] | None:
             "--iodepth=1",
             "--direct=1",
             "--ioengine=psync",
+            "--thread",  # the job in this process, not a child in a session of its own
             "--time_based",
             "--runtime=1000000",
             "--output=/dev/null",
@@ -95,9 +96,56 @@ def workload_argv(name: str) -> list[str] | None:
     raise ValueError(f"unknown workload {name!r}")
 
 
+def descendants(root: int) -> list[int]:
+    """Every process below ``root`` in the process tree, now."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out: list[int] = []
+    todo = [root]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def stop_tree(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """Kill a workload and every process it started, and wait until all are gone.
+
+    Killing its process group is not enough: a tool may start workers in
+    sessions of their own (fio's job processes do), and such a worker left
+    running would load every later row of the matrix.
+    """
+    doomed = descendants(proc.pid)
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + timeout
+    while left := [pid for pid in doomed if _alive(pid)]:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"workload processes {left} outlived SIGKILL")
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def workload(name: str) -> Iterator[None]:
-    """Run a workload (in its own process group) for the duration of the block."""
+    """Run a workload (in its own session) for the duration of the block."""
     argv = workload_argv(name)
     if argv is None:
         yield
@@ -115,9 +163,7 @@ def workload(name: str) -> Iterator[None]:
         if proc.poll() is not None:
             raise RuntimeError(f"workload {name} exited with {proc.returncode} during the run")
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        stop_tree(proc)
 
 
 def configs(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
+from pyctl import bench_upgrade
 from pyctl.bench_upgrade import (
     ABLATIONS,
     configs,
@@ -168,3 +170,18 @@ def test_resume_keeps_what_was_measured_the_same_way(tmp_path: Path) -> None:
     path.write_text(json.dumps(fresh))
     with pytest.raises(ValueError, match="kernel"):
         start_doc(path, 50, 1.0, resume=True)
+
+
+def test_a_workload_leaves_no_process_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Like fio's job processes: a worker in a session of its own, which
+    # killing the workload's process group does not reach.
+    pidfile = tmp_path / "worker.pid"
+    script = f"setsid sleep 300 & echo $! > {pidfile}; exec sleep 300"
+    monkeypatch.setattr(bench_upgrade, "workload_argv", lambda name: ["sh", "-c", script])
+    with bench_upgrade.workload("disk"):
+        worker = int(pidfile.read_text())
+        assert worker in bench_upgrade.descendants(os.getpid())
+        assert os.getsid(worker) == worker  # not in the workload's session
+    assert not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text()
