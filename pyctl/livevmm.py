@@ -169,7 +169,8 @@ class LiveVmm:
         self.parked = 0
         self.busy = 0
         self.log: list[list[Any]] = []  # [start, end, vCPU, [vectors moved], side]
-        self.log_lock = threading.Lock()  # protects log
+        self.log_lock = threading.Lock()  # protects log and log_mark
+        self.log_mark = 0  # log entries before it came before the last start()
         self.acked = 0
         self.side = "vmm"
         self.notify_attached = True  # False while the table's targets are not ours
