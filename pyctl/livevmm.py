@@ -48,6 +48,7 @@ import argparse
 import dataclasses
 import mmap
 import os
+import resource
 import select
 import socket
 import struct
@@ -180,6 +181,8 @@ class LiveVmm:
         self.vapic_handed = False
         self.blob_saved = False
         self.vapic_inherited = False
+        # CPU time and involuntary switches of the last takeover's steps.
+        self.takeover_use: dict[str, tuple[float, int]] = {}
 
     # Objects.
 
@@ -576,6 +579,7 @@ class LiveVmm:
             os._exit(3)  # fault injection: the new VMM dies half-way through the load
         os.eventfd_read(self.ready_fd)  # the device state
         t_dev = time.monotonic()
+        use = {"device_ready": _thread_use()}
         _, config_len = self._header(lambda h: h[1] != 0)
         config = m[_HDR.size + blob_len : _HDR.size + blob_len + config_len]
         for i, ids in enumerate(self.device_ids):
@@ -587,6 +591,7 @@ class LiveVmm:
                 raise RuntimeError(f"device {i}: saved state is of another device")
         self.config = bytes(config)
         t_loaded = time.monotonic()
+        use["loaded"] = _thread_use()
         if self.strategy == "naive":
             self._program_msi()
         if self.strategy != "shared":
@@ -598,7 +603,9 @@ class LiveVmm:
             self._set_notify(attach=True)
         t_ready = time.monotonic()
         running = self.start()
+        use["running"] = _thread_use()
         self._drop_state()  # this upgrade's; the next one gets its own
+        self.takeover_use = use
         return {
             **stamps,
             "device_ready": t_dev,
@@ -703,6 +710,13 @@ def _prefault(m: mmap.mmap) -> mmap.mmap:
     return m
 
 
+def _thread_use() -> tuple[float, int]:
+    """The calling thread's CPU time (s) and involuntary context switches so far:
+    told apart from its wall time, they say whether a step of the window ran or
+    waited for a CPU."""
+    return time.thread_time(), resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw
+
+
 def _read_config(d: VfioPciDevice, size: int = CONFIG_BYTES) -> bytes:
     """The device's standard config header (or its first ``size`` bytes), in one read."""
     return d.read_config_bytes(0, size)
@@ -724,6 +738,7 @@ def _handle(vmm: LiveVmm, msg: dict[str, Any], fds: list[int]) -> tuple[dict[str
         "takeover": lambda: {
             "t": vmm.takeover(msg.get("fail")),
             "vapic_inherited": vmm.vapic_inherited,
+            "use": vmm.takeover_use,
         },
         "resume": lambda: {"t": vmm.resume()},
         "preserve": lambda: vmm.preserve(msg["name"]),

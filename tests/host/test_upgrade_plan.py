@@ -13,10 +13,12 @@ from pyctl.bench_upgrade import (
     ABLATIONS,
     configs,
     merge,
+    new_steps,
     ratios,
     row_key,
     run_entry,
     start_doc,
+    steps_table,
     table,
 )
 from pyctl.check import check
@@ -150,6 +152,68 @@ def test_downtime_from_the_takeover_reply() -> None:
     # Only stamps are stamps: the counters stay out of "where the time goes".
     assert set(d.detail) == {f"old_{k}" for k in saved} | {f"new_{k}" for k in reply["t"]}
     assert _downtime(saved, {"t": reply["t"]}, 0.0).vapic_handed is False
+
+
+def test_the_new_vmms_steps_are_medians_of_each_upgrades_own() -> None:
+    def upgrade(t0: float, wake: float, check_: float, cpu: float, switches: int) -> Downtime:
+        ready = t0 + 0.002 + wake
+        detail = {
+            "old_pause": t0,
+            "old_saved": t0 + 0.002,
+            "new_device_ready": ready,
+            "new_loaded": ready + check_,
+            "new_running": ready + check_ + 0.001,
+        }
+        use = {
+            "device_ready": (5.0, 7),
+            "loaded": (5.0 + cpu, 7),
+            "running": (5.0 + cpu, 7 + switches),
+        }
+        return Downtime(
+            t0,
+            t0 + 0.001,
+            t0 + 0.002,
+            ready + check_,
+            ready + check_ + 0.001,
+            detail=detail,
+            use=use,
+        )
+
+    dts = [
+        upgrade(10.0, 0.001, 0.002, 0.0001, 0),
+        upgrade(20.0, 0.003, 0.0001, 0.0001, 2),
+        upgrade(30.0, 0.002, 0.003, 0.0002, 0),
+        Downtime(40.0, 40.1, 40.2, 40.3, 40.4, rolled_back=True, detail={"old_pause": 40.0}),
+    ]
+    st = new_steps(dts)
+    # The wake and check medians come from different upgrades: the median of
+    # each upgrade's own length, not a difference of the stamps' medians.
+    assert st["wall_p50_ms"] == pytest.approx({"wake": 2.0, "check": 2.0, "finish": 1.0})
+    assert st["cpu_p50_ms"] == pytest.approx({"check": 0.1, "finish": 0.0})
+    assert (st["preempted"], st["measured"]) == (1, 3)
+    # A reply without thread use (an older VMM) gives the wall times alone.
+    bare = [
+        Downtime(d.pause, d.suspended, d.saved, d.loaded, d.running, detail=d.detail)
+        for d in dts[:3]
+    ]
+    assert "cpu_p50_ms" not in new_steps(bare)
+    doc = {
+        "runs": [
+            {**run(8, "shared", "all", 3.0), "new_steps": st},
+            {**run(8, "shared", "none", 30.0), "new_steps": st},
+        ]
+    }
+    text = steps_table(doc)
+    assert "| 8 | idle | shared | 2.00 | 2.00 | 0.10 | 1.00 | 0.00 | 1 of 3 |" in text
+    assert text.count("| 8 |") == 1
+    assert steps_table({"runs": [run(8, "shared", "all", 3.0)]}) == ""
+
+
+def test_takeover_reply_carries_the_threads_use() -> None:
+    saved = {"pause": 1.0, "suspended": 1.001, "saved": 1.002}
+    reply = {"t": {"loaded": 1.003, "running": 1.004}, "use": {"loaded": [0.5, 3]}}
+    assert _downtime(saved, reply, 0.0).use == {"loaded": (0.5, 3)}
+    assert _downtime(saved, {"t": reply["t"]}, 0.0).use == {}
 
 
 def test_resume_keeps_what_was_measured_the_same_way(tmp_path: Path) -> None:
