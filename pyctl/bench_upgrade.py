@@ -213,8 +213,8 @@ def new_steps(downtimes: list[Downtime]) -> dict[str, Any]:
     """The new VMM's steps from the old VMM's last signal to the open gate,
     each the median over the upgrades of its own length (not a difference of
     medians); for its own steps also the median CPU time its thread spent in
-    them, and in how many upgrades that thread was preempted between its
-    wake-up and the gate."""
+    them and the page faults it took, and in how many upgrades that thread
+    was preempted between its wake-up and the gate."""
     rows = [d for d in downtimes if not d.rolled_back and d.detail]
     out: dict[str, Any] = {}
     wall = {
@@ -227,6 +227,10 @@ def new_steps(downtimes: list[Downtime]) -> dict[str, Any]:
         out["cpu_p50_ms"] = {
             "check": statistics.median((u["loaded"][0] - u["device_ready"][0]) * 1e3 for u in used),
             "finish": statistics.median((u["running"][0] - u["loaded"][0]) * 1e3 for u in used),
+        }
+        out["faults_p50"] = {
+            "check": statistics.median(u["loaded"][2] - u["device_ready"][2] for u in used),
+            "finish": statistics.median(u["running"][2] - u["loaded"][2] for u in used),
         }
         out["preempted"] = sum(u["running"][1] > u["device_ready"][1] for u in used)
         out["measured"] = len(used)
@@ -431,19 +435,20 @@ def steps_table(doc: dict[str, Any], optimisations: str = "all") -> str:
         st = r.get("new_steps") or {}
         if r["optimisations"] != optimisations or "cpu_p50_ms" not in st:
             continue
-        w, c = st["wall_p50_ms"], st["cpu_p50_ms"]
+        w, c, f = st["wall_p50_ms"], st["cpu_p50_ms"], st["faults_p50"]
         lines.append(
             f"| {r['vcpus']} | {r['workload']} | {r['strategy']} | {w['wake']:.2f} "
-            f"| {w['check']:.2f} | {c['check']:.2f} | {w['finish']:.2f} | {c['finish']:.2f} "
+            f"| {w['check']:.2f} | {c['check']:.2f} | {f['check']:g} "
+            f"| {w['finish']:.2f} | {c['finish']:.2f} | {f['finish']:g} "
             f"| {st['preempted']} of {st['measured']} |"
         )
     if not lines:
         return ""
     return "\n".join(
         [
-            "| vCPUs | workload | strategy | wake | check | its CPU | finish | its CPU "
-            "| preempted |",
-            "|---:|---|---|---:|---:|---:|---:|---:|---:|",
+            "| vCPUs | workload | strategy | wake | check | its CPU | faults | finish "
+            "| its CPU | faults | preempted |",
+            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
             *lines,
         ]
     )
@@ -498,8 +503,9 @@ def report(args: argparse.Namespace) -> int:
     if steps:
         text += (
             "\n\nThe new VMM after the old one's last signal (medians over the upgrades, ms: "
-            "wake-up, check of the saved state, finish to the open gate, and the CPU time "
-            "its thread used in each; upgrades in which that thread was preempted):\n\n"
+            "wake-up, check of the saved state, finish to the open gate, the CPU time "
+            "its thread used and the page faults it took in each; upgrades in which that "
+            "thread was preempted):\n\n"
         ) + steps
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")

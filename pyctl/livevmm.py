@@ -181,8 +181,8 @@ class LiveVmm:
         self.vapic_handed = False
         self.blob_saved = False
         self.vapic_inherited = False
-        # CPU time and involuntary switches of the last takeover's steps.
-        self.takeover_use: dict[str, tuple[float, int]] = {}
+        # CPU time, involuntary switches and page faults at the last takeover's steps.
+        self.takeover_use: dict[str, tuple[float, int, int]] = {}
 
     # Objects.
 
@@ -710,11 +710,12 @@ def _prefault(m: mmap.mmap) -> mmap.mmap:
     return m
 
 
-def _thread_use() -> tuple[float, int]:
-    """The calling thread's CPU time (s) and involuntary context switches so far:
-    told apart from its wall time, they say whether a step of the window ran or
-    waited for a CPU."""
-    return time.thread_time(), resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw
+def _thread_use() -> tuple[float, int, int]:
+    """The calling thread's CPU time (s), involuntary context switches and
+    minor page faults so far: set against its wall time, they say whether a
+    step of the window ran, waited for a CPU or took faults."""
+    ru = resource.getrusage(resource.RUSAGE_THREAD)
+    return time.thread_time(), ru.ru_nivcsw, ru.ru_minflt
 
 
 def _read_config(d: VfioPciDevice, size: int = CONFIG_BYTES) -> bytes:

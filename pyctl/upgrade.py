@@ -333,8 +333,8 @@ class Downtime:
     detail: dict[str, float] = field(default_factory=dict)  # every stamp, both sides
     vapic_handed: bool = False  # the new VMM inherited the vAPIC object (no blob)
     # The new VMM's thread at some of its stamps: (CPU seconds, involuntary
-    # context switches) so far.
-    use: dict[str, tuple[float, int]] = field(default_factory=dict)
+    # context switches, minor page faults) so far.
+    use: dict[str, tuple[float, int, int]] = field(default_factory=dict)
 
     @property
     def total_ms(self) -> float:
@@ -504,7 +504,7 @@ def _downtime(saved: dict[str, float], reply: dict[str, Any], started: float) ->
         took["running"],
         started_in_window=started,
         vapic_handed=bool(reply.get("vapic_inherited", False)),
-        use={k: (float(c), int(n)) for k, (c, n) in reply.get("use", {}).items()},
+        use={k: (float(c), int(n), int(f)) for k, (c, n, f) in reply.get("use", {}).items()},
         detail={
             **{f"old_{k}": v for k, v in saved.items()},
             **{f"new_{k}": v for k, v in took.items()},

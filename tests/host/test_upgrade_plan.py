@@ -155,7 +155,9 @@ def test_downtime_from_the_takeover_reply() -> None:
 
 
 def test_the_new_vmms_steps_are_medians_of_each_upgrades_own() -> None:
-    def upgrade(t0: float, wake: float, check_: float, cpu: float, switches: int) -> Downtime:
+    def upgrade(
+        t0: float, wake: float, check_: float, cpu: float, switches: int, faults: int
+    ) -> Downtime:
         ready = t0 + 0.002 + wake
         detail = {
             "old_pause": t0,
@@ -165,9 +167,9 @@ def test_the_new_vmms_steps_are_medians_of_each_upgrades_own() -> None:
             "new_running": ready + check_ + 0.001,
         }
         use = {
-            "device_ready": (5.0, 7),
-            "loaded": (5.0 + cpu, 7),
-            "running": (5.0 + cpu, 7 + switches),
+            "device_ready": (5.0, 7, 100),
+            "loaded": (5.0 + cpu, 7, 100 + faults),
+            "running": (5.0 + cpu, 7 + switches, 101 + faults),
         }
         return Downtime(
             t0,
@@ -180,9 +182,9 @@ def test_the_new_vmms_steps_are_medians_of_each_upgrades_own() -> None:
         )
 
     dts = [
-        upgrade(10.0, 0.001, 0.002, 0.0001, 0),
-        upgrade(20.0, 0.003, 0.0001, 0.0001, 2),
-        upgrade(30.0, 0.002, 0.003, 0.0002, 0),
+        upgrade(10.0, 0.001, 0.002, 0.0001, 0, 30),
+        upgrade(20.0, 0.003, 0.0001, 0.0001, 2, 0),
+        upgrade(30.0, 0.002, 0.003, 0.0002, 0, 40),
         Downtime(40.0, 40.1, 40.2, 40.3, 40.4, rolled_back=True, detail={"old_pause": 40.0}),
     ]
     st = new_steps(dts)
@@ -190,6 +192,7 @@ def test_the_new_vmms_steps_are_medians_of_each_upgrades_own() -> None:
     # each upgrade's own length, not a difference of the stamps' medians.
     assert st["wall_p50_ms"] == pytest.approx({"wake": 2.0, "check": 2.0, "finish": 1.0})
     assert st["cpu_p50_ms"] == pytest.approx({"check": 0.1, "finish": 0.0})
+    assert st["faults_p50"] == {"check": 30, "finish": 1}
     assert (st["preempted"], st["measured"]) == (1, 3)
     # A reply without thread use (an older VMM) gives the wall times alone.
     bare = [
@@ -204,15 +207,15 @@ def test_the_new_vmms_steps_are_medians_of_each_upgrades_own() -> None:
         ]
     }
     text = steps_table(doc)
-    assert "| 8 | idle | shared | 2.00 | 2.00 | 0.10 | 1.00 | 0.00 | 1 of 3 |" in text
+    assert "| 8 | idle | shared | 2.00 | 2.00 | 0.10 | 30 | 1.00 | 0.00 | 1 | 1 of 3 |" in text
     assert text.count("| 8 |") == 1
     assert steps_table({"runs": [run(8, "shared", "all", 3.0)]}) == ""
 
 
 def test_takeover_reply_carries_the_threads_use() -> None:
     saved = {"pause": 1.0, "suspended": 1.001, "saved": 1.002}
-    reply = {"t": {"loaded": 1.003, "running": 1.004}, "use": {"loaded": [0.5, 3]}}
-    assert _downtime(saved, reply, 0.0).use == {"loaded": (0.5, 3)}
+    reply = {"t": {"loaded": 1.003, "running": 1.004}, "use": {"loaded": [0.5, 3, 9]}}
+    assert _downtime(saved, reply, 0.0).use == {"loaded": (0.5, 3, 9)}
     assert _downtime(saved, {"t": reply["t"]}, 0.0).use == {}
 
 
