@@ -263,7 +263,9 @@ class Raiser:
         edu.raise_irq()
         deadline = issued + self.land_timeout
         while counter.count() == before:
-            if time.monotonic() > deadline:
+            # The count again after the clock: a raiser that lost its CPU
+            # between the two reads must not take a landed MSI for a lost one.
+            if time.monotonic() > deadline and counter.count() == before:
                 self.unlanded += 1
                 counter.close()  # the IRQ may have changed
                 break

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pyctl import bench_upgrade
+from pyctl import bench_upgrade, upgrade
 from pyctl.bench_upgrade import (
     ABLATIONS,
     configs,
@@ -23,7 +23,7 @@ from pyctl.bench_upgrade import (
 )
 from pyctl.check import check
 from pyctl.livevmm import Optimisations
-from pyctl.upgrade import Downtime, RunResult, _downtime, targets_for
+from pyctl.upgrade import Downtime, Raiser, RunResult, _downtime, targets_for
 
 
 def test_optimisation_specs() -> None:
@@ -252,3 +252,51 @@ def test_a_workload_leaves_no_process_behind(
         assert worker in bench_upgrade.descendants(os.getpid())
         assert os.getsid(worker) == worker  # not in the workload's session
     assert not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text()
+
+
+class _Edu:
+    bdf = "0000:00:04.0"
+
+    def __init__(self) -> None:
+        self.raised = 0
+
+    def raise_irq(self) -> None:
+        self.raised += 1
+
+
+class _Counter:
+    """The host's MSI count: read ``reads`` times, then one more MSI."""
+
+    def __init__(self, reads: int) -> None:
+        self.reads, self.n = reads, 0
+
+    def count(self) -> int:
+        self.reads -= 1
+        return self.n + (self.reads < 0)
+
+    def close(self) -> None:
+        pass
+
+
+def _raise_with_clock(monkeypatch: pytest.MonkeyPatch, reads: int) -> Raiser:
+    # The raiser's clock: the raise at 0, every later look 2 s on, as if the
+    # raiser had lost its CPU for longer than the landing timeout.
+    ticks = iter([0.0])
+    monkeypatch.setattr(upgrade.time, "monotonic", lambda: next(ticks, 2.0))
+    monkeypatch.setattr(upgrade.time, "sleep", lambda _s: None)
+    r = Raiser([_Edu()], [(0, 0x41)], land_timeout=1.0)  # type: ignore[list-item]
+    r._counters[0] = _Counter(reads)  # type: ignore[assignment]
+    r.raise_one(0)
+    return r
+
+
+def test_a_raise_that_landed_while_the_raiser_was_late_is_not_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The count before the raise and at the loop's first look are unchanged;
+    # by the time the raiser sees its clock past the deadline the MSI landed.
+    late = _raise_with_clock(monkeypatch, reads=2)
+    assert late.unlanded == 0 and late.land_max == pytest.approx(2.0)
+    # One that has not landed by then is counted as never landed.
+    lost = _raise_with_clock(monkeypatch, reads=10**6)
+    assert lost.unlanded == 1 and len(lost.raises) == 1
