@@ -213,8 +213,9 @@ def new_steps(downtimes: list[Downtime]) -> dict[str, Any]:
     """The new VMM's steps from the old VMM's last signal to the open gate,
     each the median over the upgrades of its own length (not a difference of
     medians); for its own steps also the median CPU time its thread spent in
-    them and the page faults it took, and in how many upgrades that thread
-    was preempted between its wake-up and the gate."""
+    them and the page faults it took (for the finish: up to the call that
+    opens the gate), and in how many upgrades that thread was preempted in
+    between."""
     rows = [d for d in downtimes if not d.rolled_back and d.detail]
     out: dict[str, Any] = {}
     wall = {
@@ -222,17 +223,17 @@ def new_steps(downtimes: list[Downtime]) -> dict[str, Any]:
         for name, a, b in NEW_STEPS
     }
     out["wall_p50_ms"] = {k: statistics.median(v) for k, v in wall.items() if v}
-    used = [d.use for d in rows if {"device_ready", "loaded", "running"} <= d.use.keys()]
+    used = [d.use for d in rows if {"device_ready", "loaded", "ready"} <= d.use.keys()]
     if used:
         out["cpu_p50_ms"] = {
             "check": statistics.median((u["loaded"][0] - u["device_ready"][0]) * 1e3 for u in used),
-            "finish": statistics.median((u["running"][0] - u["loaded"][0]) * 1e3 for u in used),
+            "finish": statistics.median((u["ready"][0] - u["loaded"][0]) * 1e3 for u in used),
         }
         out["faults_p50"] = {
             "check": statistics.median(u["loaded"][2] - u["device_ready"][2] for u in used),
-            "finish": statistics.median(u["running"][2] - u["loaded"][2] for u in used),
+            "finish": statistics.median(u["ready"][2] - u["loaded"][2] for u in used),
         }
-        out["preempted"] = sum(u["running"][1] > u["device_ready"][1] for u in used)
+        out["preempted"] = sum(u["ready"][1] > u["device_ready"][1] for u in used)
         out["measured"] = len(used)
     return out
 

@@ -602,8 +602,8 @@ class LiveVmm:
         elif not self.notify_attached:
             self._set_notify(attach=True)
         t_ready = time.monotonic()
+        use["ready"] = _thread_use()
         running = self.start()
-        use["running"] = _thread_use()
         self._drop_state()  # this upgrade's; the next one gets its own
         self.takeover_use = use
         return {

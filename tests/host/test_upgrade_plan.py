@@ -169,7 +169,7 @@ def test_the_new_vmms_steps_are_medians_of_each_upgrades_own() -> None:
         use = {
             "device_ready": (5.0, 7, 100),
             "loaded": (5.0 + cpu, 7, 100 + faults),
-            "running": (5.0 + cpu, 7 + switches, 101 + faults),
+            "ready": (5.0 + cpu, 7 + switches, 101 + faults),
         }
         return Downtime(
             t0,
