@@ -463,15 +463,16 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     vcpus = sorted({r["vcpus"] for r in doc["runs"]})
-    fig, axes = plt.subplots(len(vcpus), 1, figsize=(14, 4.2 * len(vcpus)), squeeze=False)
+    fig, axes = plt.subplots(len(vcpus), 1, figsize=(14, 5.2 * len(vcpus)), squeeze=False)
     for ax, v in zip(axes[:, 0], vcpus, strict=True):
         runs = [r for r in doc["runs"] if r["vcpus"] == v]
         data = [r["downtimes_ms"] for r in runs]
-        labels = [f"{r['workload']}\n{r['strategy']}\n{r['optimisations']}" for r in runs]
+        # One line each, turned upright: the ablation rows' names are long.
+        labels = [f"{r['workload']} {r['strategy']} {r['optimisations']}" for r in runs]
         box = ax.boxplot(data, patch_artist=True, showfliers=True)
         for patch, r in zip(box["boxes"], runs, strict=True):
             patch.set_facecolor("#4c9f70" if r["optimisations"] == "all" else "#d9a441")
-        ax.set_xticks(range(1, len(runs) + 1), labels, fontsize=6)
+        ax.set_xticks(range(1, len(runs) + 1), labels, fontsize=6, rotation=90)
         ax.set_yscale("log")
         ax.set_ylabel("vCPU downtime (ms)")
         ax.set_title(f"{v} vCPUs: green all optimisations, amber without some or all")
