@@ -259,7 +259,7 @@ static int kvmlu_vapic_load(struct kvmlu_ucmd *ucmd)
 	struct kvmlu_vapic_load *ld = ucmd->cmd;
 	struct kvmlu_vapic *va = ucmd->obj;
 	size_t max = sizeof(struct kvmlu_vapic_blob) +
-		     va->nr_vcpus * KVMLU_VAPIC_V2_RECORD;
+		     KVMLU_MAX_VCPUS * KVMLU_VAPIC_V2_RECORD;
 	const struct kvmlu_vapic_blob *hdr;
 	size_t len = ld->buf_len;
 	const u8 *p;
@@ -272,7 +272,11 @@ static int kvmlu_vapic_load(struct kvmlu_ucmd *ucmd)
 		return -EINVAL;
 	if ((ld->flags & KVMLU_VAPIC_LOAD_CLEAR_PIR) && !allow_test_flags)
 		return -EPERM;
-	/* Nothing valid is longer than a version 2 blob for this table. */
+	/*
+	 * Nothing valid is longer than a version 2 blob of the largest table.
+	 * Not this table's: a whole blob of a larger one must reach the checks
+	 * and get ERANGE, not look truncated (EINVAL).
+	 */
 	blob = vmemdup_user(u64_to_user_ptr(ld->buf), min(len, max));
 	if (IS_ERR(blob))
 		return PTR_ERR(blob);

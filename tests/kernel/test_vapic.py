@@ -183,14 +183,22 @@ def test_bad_blob_refused_and_state_unchanged(
         assert table.pir(5) == {0x78}, "a refused load leaves PIR alone"
 
 
-def test_wrong_vcpu_count_refused(dev: Device, v2: VapicDevice) -> None:
+@pytest.mark.parametrize("saved,loaded", [(2, 4), (5, 4)])
+def test_wrong_vcpu_count_refused(dev: Device, v2: VapicDevice, saved: int, loaded: int) -> None:
+    """A whole blob of another vCPU count is ERANGE, a larger one too (found
+    by the stateful fuzzer: LOAD had cut it to this table's size first and
+    called it truncated)."""
     with (
-        dev.create_table(2) as t2,
-        dev.create_table(4) as t4,
-        v2.create(t2) as a,
-        v2.create(t4) as b,
+        dev.create_table(saved) as ts,
+        dev.create_table(loaded) as tl,
+        v2.create(ts) as a,
+        v2.create(tl) as b,
     ):
+        tl.post(1, 0x61)
+        b.sync(1)
+        before = [b.get(v) for v in range(loaded)]
         assert _err(b.load, a.save()) == errno.ERANGE
+        assert [b.get(v) for v in range(loaded)] == before
 
 
 def test_create_on_non_table(dev: Device, v1: VapicDevice, efd: int) -> None:
