@@ -225,14 +225,17 @@ def new_steps(downtimes: list[Downtime]) -> dict[str, Any]:
     out["wall_p50_ms"] = {k: statistics.median(v) for k, v in wall.items() if v}
     used = [d.use for d in rows if {"device_ready", "loaded", "ready"} <= d.use.keys()]
     if used:
-        out["cpu_p50_ms"] = {
-            "check": statistics.median((u["loaded"][0] - u["device_ready"][0]) * 1e3 for u in used),
-            "finish": statistics.median((u["ready"][0] - u["loaded"][0]) * 1e3 for u in used),
-        }
-        out["faults_p50"] = {
-            "check": statistics.median(u["loaded"][2] - u["device_ready"][2] for u in used),
-            "finish": statistics.median(u["ready"][2] - u["loaded"][2] for u in used),
-        }
+
+        def median(field: int, scale: float = 1.0) -> dict[str, float]:
+            """Median growth of ``use`` field ``field`` over the check and the finish."""
+            spans = {"check": ("device_ready", "loaded"), "finish": ("loaded", "ready")}
+            return {
+                k: statistics.median((u[b][field] - u[a][field]) * scale for u in used)
+                for k, (a, b) in spans.items()
+            }
+
+        out["cpu_p50_ms"] = median(0, 1e3)
+        out["faults_p50"] = median(2)
         out["preempted"] = sum(u["ready"][1] > u["device_ready"][1] for u in used)
         out["measured"] = len(used)
     return out
