@@ -27,6 +27,7 @@ VM_ARGS ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 FUZZ_EXAMPLES ?= 10000
+FUZZ_MALFORMED ?= 2000
 # Where make test-debug keeps its kernel tree (about 6 GB) between runs.
 DEBUG_CACHE ?= /var/cache/kvmlu
 # The modules built against it: in the checkout, which the VM sees.
@@ -102,15 +103,15 @@ demo: deps venv
 		 $(CURDIR)/$(KVMLU) upgrade --vcpus 88 --upgrades 10 --raise-in-window --optimisations none'
 
 # The fuzzers alone, at length: FUZZ_EXAMPLES programs of the stateful fuzzer
-# (and five times as many malformed calls) in one VM boot, split over
-# FUZZ_JOBS processes that run side by side.
+# and FUZZ_MALFORMED malformed calls in one VM boot, split over FUZZ_JOBS
+# processes that run side by side.
 FUZZ_JOBS ?= 2
 
 fuzz: deps venv
 	@$(MAKE) --no-print-directory _modules
 	$(KVMLU) vm --kernel $(KVER) --edu 3 --timeout 43200 --results $(CURDIR)/results/fuzz \
 		$(VM_ARGS) -- $(CURDIR)/tools/fuzz.sh $(CURDIR)/$(PY) $(FUZZ_JOBS) $(FUZZ_EXAMPLES) \
-		$(CURDIR)/results/fuzz $(PYTEST_ARGS)
+		$(FUZZ_MALFORMED) $(CURDIR)/results/fuzz $(PYTEST_ARGS)
 
 # The kernel suite and the fuzzers on a debug kernel (KASAN, lockdep,
 # might_sleep, kmemleak), built once into $(DEBUG_CACHE); any report fails.

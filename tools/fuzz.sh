@@ -3,10 +3,11 @@
 #
 # The fuzzers at length, inside the test VM: JOBS pytest processes side by
 # side (the VM has a vCPU per host core), each on its own edu function and
-# with its share of EXAMPLES stateful programs. Session names carry the
-# process's pid, so the processes do not meet in the module's namespaces.
+# with its share of EXAMPLES stateful programs and MALFORMED malformed
+# calls. Session names carry the process's pid, so the processes do not
+# meet in the module's namespaces.
 #
-#   tools/fuzz.sh PYTHON JOBS EXAMPLES LOGDIR [PYTEST_ARGS...]
+#   tools/fuzz.sh PYTHON JOBS EXAMPLES MALFORMED LOGDIR [PYTEST_ARGS...]
 #
 # Exits non-zero if any process failed; each one's output is in
 # LOGDIR/fuzz-N.log and printed at the end, with the sums of what ran
@@ -14,22 +15,25 @@
 
 set -u
 
-py=${1:?usage: $0 PYTHON JOBS EXAMPLES LOGDIR [PYTEST_ARGS...]}
+py=${1:?usage: $0 PYTHON JOBS EXAMPLES MALFORMED LOGDIR [PYTEST_ARGS...]}
 jobs=${2:?}
 examples=${3:?}
-logdir=${4:?}
-shift 4
+malformed=${4:?}
+logdir=${5:?}
+shift 5
 per=$(( (examples + jobs - 1) / jobs ))
+per_malformed=$(( (malformed + jobs - 1) / jobs ))
 cd "$(dirname "$0")/.."
 mkdir -p "$logdir"
 
-echo "fuzz: $jobs processes x $per programs, started $(date +%T)"
+echo "fuzz: $jobs processes x $per programs and $per_malformed malformed calls, started $(date +%T)"
 start=$(date +%s)
 rm -f "$logdir"/stats-*.json
 pids=
 i=0
 while [ "$i" -lt "$jobs" ]; do
-	KVMLU_FUZZ_EXAMPLES=$per KVMLU_FUZZ_EDU=$i KVMLU_FUZZ_STATS=$logdir/stats-$i.json \
+	KVMLU_FUZZ_JOBS=$jobs KVMLU_FUZZ_EXAMPLES=$per KVMLU_FUZZ_MALFORMED=$per_malformed \
+		KVMLU_FUZZ_EDU=$i KVMLU_FUZZ_STATS=$logdir/stats-$i.json \
 		"$py" -m pytest -p no:cacheprovider -q --durations=5 \
 		tests/kernel/test_fuzz_stateful.py tests/kernel/test_fuzz_malformed.py "$@" \
 		> "$logdir/fuzz-$i.log" 2>&1 &
