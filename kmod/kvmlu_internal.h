@@ -19,6 +19,9 @@
 #error "kvmlu addresses PIR and control words as unsigned long bitmaps"
 #endif
 
+/* The reply of any kvmlu ioctl spans at most this many pages. */
+#define KVMLU_REPLY_MAX_PAGES	2
+
 /**
  * struct kvmlu_ucmd - one ioctl call as the dispatcher hands it over
  * @ubuffer: The user's argument.
@@ -27,12 +30,21 @@
  *	non-zero tail.
  * @obj: The object of the file the ioctl was issued on (NULL for
  *	/dev/kvmlu, a &struct kvmlu_table for a table).
+ * @reply_pages: For a command with a reply, the user pages the reply goes
+ *	to, pinned writable before the handler runs, so that writing the reply
+ *	cannot fail or stall once the command has acted.
+ * @nr_reply_pages: Entries of @reply_pages pinned; 0 for a command without
+ *	a reply.
+ * @replied: kvmlu_ucmd_respond() wrote the reply (the pages are dirty).
  */
 struct kvmlu_ucmd {
 	void __user *ubuffer;
 	u32 user_size;
 	void *cmd;
 	void *obj;
+	struct page *reply_pages[KVMLU_REPLY_MAX_PAGES];
+	unsigned int nr_reply_pages;
+	bool replied;
 };
 
 /**
@@ -41,24 +53,37 @@ struct kvmlu_ucmd {
  * @min_size: The smallest size userspace may pass: offsetofend() of the last
  *	field of the structure as first released.
  * @ioctl_num: The full ioctl request number.
+ * @reply: The command writes output fields back: the dispatcher pins the
+ *	user's structure writable before the handler runs (EFAULT otherwise,
+ *	with nothing done).
  * @execute: The handler; runs in process context, may sleep.
  */
 struct kvmlu_ioctl_op {
 	unsigned int size;
 	unsigned int min_size;
 	unsigned int ioctl_num;
+	bool reply;
 	int (*execute)(struct kvmlu_ucmd *ucmd);
 };
 
-#define KVMLU_IOCTL_OP(_base, _ioctl, _fn, _struct, _last)		\
+#define __KVMLU_IOCTL_OP(_base, _ioctl, _fn, _struct, _last, _reply)	\
 	[_IOC_NR(_ioctl) - (_base)] = {					\
 		.size = sizeof(_struct) +				\
 			BUILD_BUG_ON_ZERO(sizeof(union kvmlu_ucmd_buffer) < \
-					  sizeof(_struct)),		\
+					  sizeof(_struct)) +		\
+			BUILD_BUG_ON_ZERO(sizeof(_struct) > PAGE_SIZE),	\
 		.min_size = offsetofend(_struct, _last),		\
 		.ioctl_num = _ioctl,					\
+		.reply = _reply,					\
 		.execute = _fn,						\
 	}
+
+/* A command that writes output fields back with kvmlu_ucmd_respond(). */
+#define KVMLU_IOCTL_OP(_base, _ioctl, _fn, _struct, _last)		\
+	__KVMLU_IOCTL_OP(_base, _ioctl, _fn, _struct, _last, true)
+/* A command whose structure is input only. */
+#define KVMLU_IOCTL_OP_IN(_base, _ioctl, _fn, _struct, _last)		\
+	__KVMLU_IOCTL_OP(_base, _ioctl, _fn, _struct, _last, false)
 
 /* Large enough for the argument of any kvmlu ioctl. */
 union kvmlu_ucmd_buffer {

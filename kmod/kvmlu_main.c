@@ -11,11 +11,39 @@
 
 #include <linux/file.h>
 #include <linux/fs.h>
+#include <linux/highmem.h>
 #include <linux/miscdevice.h>
+#include <linux/mm.h>
 #include <linux/module.h>
 #include <linux/uaccess.h>
 
 #include "kvmlu_internal.h"
+
+/*
+ * Pin the user pages that @len bytes of reply at @ucmd->ubuffer cover,
+ * writable, faulting them in as a write would (a userfaultfd-registered page
+ * stalls here, before the command has done anything). Takes no lock.
+ */
+static int kvmlu_ucmd_pin_reply(struct kvmlu_ucmd *ucmd, size_t len)
+{
+	unsigned long start = (unsigned long)ucmd->ubuffer;
+	unsigned long first = start >> PAGE_SHIFT;
+	unsigned long last = (start + len - 1) >> PAGE_SHIFT;
+	int nr = last - first + 1;
+	int ret;
+
+	if (WARN_ON_ONCE(nr > KVMLU_REPLY_MAX_PAGES))
+		return -EINVAL;
+	ret = pin_user_pages_fast(start & PAGE_MASK, nr, FOLL_WRITE,
+				  ucmd->reply_pages);
+	if (ret == nr) {
+		ucmd->nr_reply_pages = nr;
+		return 0;
+	}
+	if (ret > 0)
+		unpin_user_pages(ucmd->reply_pages, ret);
+	return ret < 0 ? ret : -EFAULT;
+}
 
 /**
  * kvmlu_ioctl_dispatch() - run one ioctl through a dispatch table
@@ -28,8 +56,13 @@
  *
  * Validates the request number and the size, copies the argument in with
  * copy_struct_from_user() (E2BIG for a non-zero unknown tail) and calls the
- * handler.
+ * handler. For a command with a reply, the user's structure is first pinned
+ * writable: a reply that cannot be written (a read-only page, a structure
+ * that runs into one, an address that is not ordinary memory) is EFAULT
+ * before the handler runs, so a command never acts and then fails to tell
+ * the caller what it did. The pages stay pinned until the handler returns.
  *
+ * Context: process context; may sleep. Takes no lock of its own.
  * Return: the handler's result or a negative errno.
  */
 long kvmlu_ioctl_dispatch(const struct kvmlu_ioctl_op *ops, size_t nr_ops,
@@ -62,26 +95,51 @@ long kvmlu_ioctl_dispatch(const struct kvmlu_ioctl_op *ops, size_t nr_ops,
 				    ucmd.user_size);
 	if (ret)
 		return ret;
-	return op->execute(&ucmd);
+	if (op->reply) {
+		ret = kvmlu_ucmd_pin_reply(&ucmd, min_t(size_t, op->size,
+							ucmd.user_size));
+		if (ret)
+			return ret;
+	}
+	ret = op->execute(&ucmd);
+	if (ucmd.nr_reply_pages)
+		unpin_user_pages_dirty_lock(ucmd.reply_pages,
+					    ucmd.nr_reply_pages, ucmd.replied);
+	return ret;
 }
 EXPORT_SYMBOL_GPL(kvmlu_ioctl_dispatch);
 
 /**
- * kvmlu_ucmd_respond() - copy a command's output fields back to the user
- * @ucmd: The command.
+ * kvmlu_ucmd_respond() - write a command's output fields back to the user
+ * @ucmd: The command; its dispatch entry has @reply set.
  * @size: sizeof() the command's structure.
  *
- * Copies no more than the user passed in, so an older caller with a shorter
- * structure gets the fields it knows.
+ * Writes no more than the user passed in, so an older caller with a shorter
+ * structure gets the fields it knows. The destination was pinned by the
+ * dispatcher: this cannot fault or sleep on user memory, so it may be called
+ * under any mutex or spinlock, and after the command has acted.
  *
- * Return: 0 or -EFAULT.
+ * Context: any context that may call kmap_local_page().
+ * Return: 0, or -EFAULT for a command declared without a reply (a bug).
  */
 int kvmlu_ucmd_respond(struct kvmlu_ucmd *ucmd, size_t size)
 {
 	size_t len = min_t(size_t, size, ucmd->user_size);
+	size_t off = offset_in_page(ucmd->ubuffer);
+	const u8 *src = ucmd->cmd;
+	unsigned int i;
 
-	if (copy_to_user(ucmd->ubuffer, ucmd->cmd, len))
+	if (WARN_ON_ONCE(!ucmd->nr_reply_pages))
 		return -EFAULT;
+	for (i = 0; len && i < ucmd->nr_reply_pages; i++) {
+		size_t n = min_t(size_t, len, PAGE_SIZE - off);
+
+		memcpy_to_page(ucmd->reply_pages[i], off, src, n);
+		src += n;
+		len -= n;
+		off = 0;
+	}
+	ucmd->replied = true;
 	return 0;
 }
 EXPORT_SYMBOL_GPL(kvmlu_ucmd_respond);
@@ -93,10 +151,10 @@ EXPORT_SYMBOL_GPL(kvmlu_ucmd_respond);
  * @fd: A descriptor from get_unused_fd_flags().
  * @file: The new object's file.
  *
- * Copies the reply and only then installs @file at @fd, so that userspace
- * never has a descriptor it was not told about. If the reply cannot be
- * written, @file is released (its release undoes what it owns) and @fd
- * returned unused.
+ * Writes the reply and only then installs @file at @fd, so that userspace
+ * never has a descriptor it was not told about. The reply was pinned before
+ * the command ran and cannot fail; should it all the same, @file is released
+ * (its release undoes what it owns) and @fd returned unused.
  *
  * Return: 0 or -EFAULT.
  */

@@ -56,9 +56,11 @@ struct kvmlu_session {
 	bool finished;
 };
 
-/* Protects kvmlu_sessions and each &kvmlu_session.held. */
+/* Protects kvmlu_sessions, kvmlu_nr_sessions and each &kvmlu_session.held. */
 static DEFINE_MUTEX(kvmlu_sessions_lock);
 static LIST_HEAD(kvmlu_sessions);
+/* Entries of kvmlu_sessions. */
+static u32 kvmlu_nr_sessions;
 
 static const struct file_operations kvmlu_session_fops;
 
@@ -189,6 +191,7 @@ int kvmlu_create_session(struct kvmlu_ucmd *ucmd)
 		ret = kvmlu_session_reply(ucmd, sc, s);
 	if (!ret) {
 		list_add_tail(&s->node, &kvmlu_sessions);
+		kvmlu_nr_sessions++;
 		__module_get(THIS_MODULE);
 	}
 	mutex_unlock(&kvmlu_sessions_lock);
@@ -225,33 +228,51 @@ int kvmlu_retrieve_session(struct kvmlu_ucmd *ucmd)
 int kvmlu_list_sessions(struct kvmlu_ucmd *ucmd)
 {
 	struct kvmlu_list_sessions *ls = ucmd->cmd;
-	struct kvmlu_session_entry __user *uentries;
-	struct kvmlu_session_entry entry;
+	struct kvmlu_session_entry *entries = NULL;
 	struct kvmlu_session *s;
-	u32 n = 0;
+	u32 n, want, room = 0, i = 0;
 	int ret = 0;
 
 	if (ls->flags)
 		return -EINVAL;
-	uentries = u64_to_user_ptr(ls->entries);
 
-	mutex_lock(&kvmlu_sessions_lock);
+	/*
+	 * Snapshot the entries under the lock and copy them out after it, so
+	 * that an entries buffer that faults or stalls (userfaultfd, a slow
+	 * file) holds up no other caller. Sessions may come and go between
+	 * sizing and filling: size again until the room suffices.
+	 */
+	for (;;) {
+		mutex_lock(&kvmlu_sessions_lock);
+		n = kvmlu_nr_sessions;
+		want = min(n, ls->count);
+		if (want <= room)
+			break;
+		mutex_unlock(&kvmlu_sessions_lock);
+		kvfree(entries);
+		room = want;
+		entries = kvcalloc(room, sizeof(*entries), GFP_KERNEL_ACCOUNT);
+		if (!entries)
+			return -ENOMEM;
+	}
 	list_for_each_entry(s, &kvmlu_sessions, node) {
-		if (n < ls->count) {
-			memset(&entry, 0, sizeof(entry));
-			memcpy(entry.name, s->name, sizeof(entry.name));
-			mutex_lock(&s->lock);
-			entry.nr_objects = s->nr_objects;
-			mutex_unlock(&s->lock);
-			entry.state = s->held ? KVMLU_SESSION_HELD : 0;
-			if (copy_to_user(&uentries[n], &entry, sizeof(entry))) {
-				ret = -EFAULT;
-				break;
-			}
-		}
-		n++;
+		struct kvmlu_session_entry *e;
+
+		if (i == want)
+			break;
+		e = &entries[i++];
+		memcpy(e->name, s->name, sizeof(e->name));
+		mutex_lock(&s->lock);
+		e->nr_objects = s->nr_objects;
+		mutex_unlock(&s->lock);
+		e->state = s->held ? KVMLU_SESSION_HELD : 0;
 	}
 	mutex_unlock(&kvmlu_sessions_lock);
+
+	if (want && copy_to_user(u64_to_user_ptr(ls->entries), entries,
+				 array_size(want, sizeof(*entries))))
+		ret = -EFAULT;
+	kvfree(entries);
 	if (ret)
 		return ret;
 	ls->nr_sessions = n;
@@ -260,12 +281,10 @@ int kvmlu_list_sessions(struct kvmlu_ucmd *ucmd)
 
 u32 kvmlu_session_count(void)
 {
-	struct kvmlu_session *s;
-	u32 n = 0;
+	u32 n;
 
 	mutex_lock(&kvmlu_sessions_lock);
-	list_for_each_entry(s, &kvmlu_sessions, node)
-		n++;
+	n = kvmlu_nr_sessions;
 	mutex_unlock(&kvmlu_sessions_lock);
 	return n;
 }
@@ -423,6 +442,7 @@ static int kvmlu_session_finish(struct kvmlu_ucmd *ucmd)
 		kvmlu_session_drop_objects(s);
 		s->finished = true;
 		list_del_init(&s->node);
+		kvmlu_nr_sessions--;
 	}
 	mutex_unlock(&s->lock);
 	mutex_unlock(&kvmlu_sessions_lock);
@@ -447,18 +467,18 @@ static int kvmlu_session_release(struct inode *inode, struct file *file)
 }
 
 static const struct kvmlu_ioctl_op kvmlu_session_ops[] = {
-	KVMLU_IOCTL_OP(KVMLU_SESSION_CMD_BASE, KVMLU_SESSION_PRESERVE,
-		       kvmlu_session_preserve, struct kvmlu_session_preserve,
-		       token),
+	KVMLU_IOCTL_OP_IN(KVMLU_SESSION_CMD_BASE, KVMLU_SESSION_PRESERVE,
+			  kvmlu_session_preserve,
+			  struct kvmlu_session_preserve, token),
 	KVMLU_IOCTL_OP(KVMLU_SESSION_CMD_BASE, KVMLU_SESSION_RETRIEVE,
 		       kvmlu_session_retrieve, struct kvmlu_session_token,
 		       reserved),
-	KVMLU_IOCTL_OP(KVMLU_SESSION_CMD_BASE, KVMLU_SESSION_UNPRESERVE,
-		       kvmlu_session_unpreserve, struct kvmlu_session_token,
-		       reserved),
-	KVMLU_IOCTL_OP(KVMLU_SESSION_CMD_BASE, KVMLU_SESSION_FINISH,
-		       kvmlu_session_finish, struct kvmlu_session_finish,
-		       flags),
+	KVMLU_IOCTL_OP_IN(KVMLU_SESSION_CMD_BASE, KVMLU_SESSION_UNPRESERVE,
+			  kvmlu_session_unpreserve, struct kvmlu_session_token,
+			  reserved),
+	KVMLU_IOCTL_OP_IN(KVMLU_SESSION_CMD_BASE, KVMLU_SESSION_FINISH,
+			  kvmlu_session_finish, struct kvmlu_session_finish,
+			  flags),
 };
 
 static long kvmlu_session_ioctl(struct file *file, unsigned int cmd,

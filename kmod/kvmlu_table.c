@@ -440,11 +440,12 @@ static int kvmlu_table_info(struct kvmlu_ucmd *ucmd)
 }
 
 const struct kvmlu_ioctl_op kvmlu_table_ops[] = {
-	KVMLU_IOCTL_OP(KVMLU_TABLE_CMD_BASE, KVMLU_TABLE_SET_NOTIFY,
-		       kvmlu_table_set_notify, struct kvmlu_table_set_notify,
-		       ndst),
-	KVMLU_IOCTL_OP(KVMLU_TABLE_CMD_BASE, KVMLU_TABLE_SET_SN,
-		       kvmlu_table_set_sn, struct kvmlu_table_set_sn, suppress),
+	KVMLU_IOCTL_OP_IN(KVMLU_TABLE_CMD_BASE, KVMLU_TABLE_SET_NOTIFY,
+			  kvmlu_table_set_notify, struct kvmlu_table_set_notify,
+			  ndst),
+	KVMLU_IOCTL_OP_IN(KVMLU_TABLE_CMD_BASE, KVMLU_TABLE_SET_SN,
+			  kvmlu_table_set_sn, struct kvmlu_table_set_sn,
+			  suppress),
 	KVMLU_IOCTL_OP(KVMLU_TABLE_CMD_BASE, KVMLU_TABLE_PEEK,
 		       kvmlu_table_peek, struct kvmlu_table_peek, desc),
 	KVMLU_IOCTL_OP(KVMLU_TABLE_CMD_BASE, KVMLU_TABLE_FETCH,

@@ -318,8 +318,8 @@ static const struct kvmlu_ioctl_op kvmlu_vapic_ops[] = {
 		       struct kvmlu_vapic_vcpu, moved),
 	KVMLU_IOCTL_OP(KVMLU_VAPIC_CMD_BASE, KVMLU_VAPIC_SAVE, kvmlu_vapic_save,
 		       struct kvmlu_vapic_save, reserved),
-	KVMLU_IOCTL_OP(KVMLU_VAPIC_CMD_BASE, KVMLU_VAPIC_LOAD, kvmlu_vapic_load,
-		       struct kvmlu_vapic_load, reserved),
+	KVMLU_IOCTL_OP_IN(KVMLU_VAPIC_CMD_BASE, KVMLU_VAPIC_LOAD,
+			  kvmlu_vapic_load, struct kvmlu_vapic_load, reserved),
 };
 
 static long kvmlu_vapic_ioctl(struct file *file, unsigned int cmd,

@@ -41,7 +41,13 @@
  *  - ENOTTY: the command is unknown, or not one of this file's commands
  *    (for example a table command issued on /dev/kvmlu).
  *  - EFAULT: the argument pointer, or a buffer it names, is not readable or
- *    writable.
+ *    writable. A command that writes fields back (any with an Output field)
+ *    makes sure its whole structure is writable ordinary memory before it
+ *    acts, so its EFAULT means it did nothing; and if that memory stalls
+ *    (userfaultfd, a slow file), the command waits before acting, holding
+ *    no lock. A buffer the structure names (the vAPIC blob, the session
+ *    entries) is written after the command's locks are dropped; a command
+ *    that fails there had changed nothing either.
  *  - EINVAL: @size below the minimum, unknown @flags, a non-zero reserved
  *    field, a value outside its defined set, or a file descriptor of the
  *    wrong type (for example one that is not an eventfd).
