@@ -1,7 +1,10 @@
-"""Malformed-input fuzzing: random sizes, tails, flags, reserved bytes, fds and values.
+"""Malformed-input fuzzing: random sizes, tails, flags, reserved bytes, fds and values,
+in memory that may fault.
 
 Every call must fail (or succeed) exactly as the uAPI's rules say, checked in
-the kernel's order, and a failing call must change nothing.
+the kernel's order, and a failing call must change nothing. The argument is
+sometimes placed where it faults (:data:`faultmem.LAYOUTS`): read-only, or
+running into a read-only or an unmapped page.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import os
 import socket
 from typing import Any
 
+from faultmem import LAYOUTS, placed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kutil import fuzz_stats, raw_arg, snapshot
@@ -35,6 +39,9 @@ def _state(dev: Device, table: Table, binding: Binding) -> tuple[object, ...]:
     return (*own, dev.query()) if ALONE else own
 
 
+#: Commands whose structure is input only; the others write a reply.
+INPUT_ONLY = {"SET_NOTIFY", "SET_SN"}
+
 #: command -> (struct, known flags, reserved fields, value fields)
 OPS: dict[str, tuple[str, int, tuple[str, ...], tuple[str, ...]]] = {
     "SET_NOTIFY": (
@@ -57,14 +64,20 @@ edgy_u32 = (
 FD_KINDS = ["eventfd", "bound-eventfd", "closed", "negative", "table", "device", "socket", "file"]
 
 
-def expected(name: str, size: int, tail: bytes, f: dict[str, int], fd_kind: str) -> int:
+def expected(
+    name: str, size: int, tail: bytes, f: dict[str, int], fd_kind: str, layout: str = "plain"
+) -> int:
     """The errno the kernel must return, in the order it checks."""
     struct, known, reserved, _ = OPS[name]
     ksize = ffi.sizeof(f"struct {struct}")
     if size < ksize:
         return errno.EINVAL
+    if layout == "straddle-unmapped":
+        return errno.EFAULT  # the structure cannot be read
     if size > ksize and any(tail[: size - ksize]):
         return errno.E2BIG
+    if layout != "plain" and name not in INPUT_ONLY:
+        return errno.EFAULT  # the reply cannot be written: refused before the handler
     if f["flags"] & ~known or any(f[r] for r in reserved):
         return errno.EINVAL
     if f["vcpu"] >= NR_VCPUS:
@@ -100,6 +113,7 @@ def expected(name: str, size: int, tail: bytes, f: dict[str, int], fd_kind: str)
     value=edgy_u32,
     suppress=st.sampled_from([0, 1, 2]) | u32,
     fd_kind=st.sampled_from(FD_KINDS),
+    layout=st.sampled_from(["plain"] * 3 + list(LAYOUTS)),
 )
 def test_malformed_calls(
     name: str,
@@ -111,6 +125,7 @@ def test_malformed_calls(
     value: int,
     suppress: int,
     fd_kind: str,
+    layout: str,
 ) -> None:
     """Each call returns the errno the rules predict; a refused call changes nothing."""
     fuzz_stats.add("malformed_calls")
@@ -137,14 +152,21 @@ def test_malformed_calls(
             arg = arg[:ksize] + (tail[: size - ksize] if size > ksize else b"")
             arg[0:4] = size.to_bytes(4, "little")
             buf = bytearray(arg) + bytearray(max(0, ksize - len(arg)))
-            want = expected(name, size, tail, f, fd_kind)
+            want = expected(name, size, tail, f, fd_kind, layout)
             before = _state(dev, table, binding)
+            request = getattr(lib, f"KVMLU_TABLE_{name}")
             try:
-                ioctl(table.fd, getattr(lib, f"KVMLU_TABLE_{name}"), buf)
+                if layout == "plain":
+                    ioctl(table.fd, request, buf)
+                else:
+                    with placed(bytes(buf), layout) as addr:
+                        ioctl(table.fd, request, addr)
                 got = 0
             except KvmluError as e:
                 got = e.errno
-            assert got == want, f"{name} size={size} {f} fd={fd_kind}: got {got}, want {want}"
+            assert got == want, (
+                f"{name} size={size} {f} fd={fd_kind} {layout}: got {got}, want {want}"
+            )
             if got:
                 assert _state(dev, table, binding) == before
             elif name == "BIND":

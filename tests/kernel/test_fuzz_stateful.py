@@ -8,8 +8,9 @@ table by token and posts through it, and the parent's mapping must show it.
 One source can be the MSI trigger of an edu device, raised for real.
 vAPICs are swapped between module versions by save and load. Steps include
 bad calls (vCPU and vector values at and past every bound, fds of the wrong
-kind, tokens and names that are taken or missing), whose errno must be the
-model's and which must change nothing. Failures print a replayable program
+kind, tokens and names that are taken or missing, replies in memory that
+cannot be written), whose errno must be the model's and which must change
+nothing. Failures print a replayable program
 (Hypothesis's stateful output).
 
 ``KVMLU_FUZZ_EXAMPLES`` sets how many programs run (``make fuzz`` runs
@@ -28,6 +29,7 @@ import socket
 import time
 from typing import Any
 
+from faultmem import LAYOUTS, placed
 from hypothesis import HealthCheck, seed, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -40,7 +42,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from kutil import fuzz_stats, wait_readable
+from kutil import fuzz_stats, raw_arg, wait_readable
 
 from pyctl.edu import Edu, find_vfio_edu
 from pyctl.errors import KvmluError
@@ -276,6 +278,27 @@ class KvmluMachine(RuleBasedStateMachine):
         if out is not None:
             assert out == taken
 
+    @rule(
+        t=tables,
+        vcpu=vcpus,
+        vector=vectors,
+        op=st.sampled_from(["FETCH", "POST", "PEEK", "INFO"]),
+        layout=st.sampled_from(LAYOUTS),
+    )
+    def faulting_reply(self, t: int, vcpu: int, vector: int, op: str, layout: str) -> None:
+        """A call whose reply cannot be written is EFAULT whatever its vCPU and
+        vector (the reply is checked first) and changes nothing: the model is
+        not stepped, and the invariants compare the table with it."""
+        struct, fields = {
+            "FETCH": ("kvmlu_table_fetch", {"vcpu": vcpu}),
+            "POST": ("kvmlu_table_post", {"vcpu": vcpu, "vector": vector}),
+            "PEEK": ("kvmlu_table_peek", {"vcpu": vcpu}),
+            "INFO": ("kvmlu_table_info", {}),
+        }[op]
+        request = getattr(lib, f"KVMLU_TABLE_{op}")
+        with placed(bytes(raw_arg(struct, **fields)), layout) as addr:
+            self._expect(errno.EFAULT, ioctl, self.real[t].fd, request, addr)
+
     @rule(t=tables, s=sources, vcpu=vcpus, vector=vectors)
     def bind(self, t: int, s: int, vcpu: int, vector: int) -> None:
         pending = _drain(self.srcs[s])  # the kernel posts what is pending at bind time
@@ -460,6 +483,20 @@ class KvmluMachine(RuleBasedStateMachine):
             return
         got = out.moved if op == "sync" else out  # type: ignore[attr-defined]
         assert got == want, f"{op} gave {got}, model {want}"
+
+    @rule(
+        vp=vapics,
+        vcpu=vcpus,
+        op=st.sampled_from(["SYNC", "ACK", "EOI", "GET"]),
+        layout=st.sampled_from(LAYOUTS),
+    )
+    def vapic_faulting_reply(self, vp: int, vcpu: int, op: str, layout: str) -> None:
+        """SYNC, ACK, EOI and GET with a reply that cannot be written: EFAULT, and
+        neither PIR nor IRR nor ISR moved (the invariants check both)."""
+        va, _, _ = self.vapics_open[vp]
+        arg = bytes(raw_arg("kvmlu_vapic_vcpu", vcpu=vcpu))
+        with placed(arg, layout) as addr:
+            self._expect(errno.EFAULT, ioctl, va.fd, getattr(lib, f"KVMLU_VAPIC_{op}"), addr)
 
     @rule(src=vapics, dst=vapics, fmt=st.sampled_from([0, 1, 2, 3]))
     def vapic_move(self, src: int, dst: int, fmt: int) -> None:
