@@ -1,5 +1,5 @@
 """Ioctl arguments in memory that faults: read-only, running into a read-only or
-unmapped page, or stalled by userfaultfd.
+an inaccessible page, or stalled by userfaultfd.
 
 A kvmlu command with a reply must refuse such an argument with EFAULT before
 it acts (or, stalled, act only once the reply can be written). These helpers
@@ -25,7 +25,8 @@ PAGE = mmap.PAGESIZE
 #: ``read-only``: wholly in a read-only page (readable, not writable);
 #: ``straddle-read-only``: its first 8 bytes (size and flags) in a writable
 #: page, the rest in the read-only page after it; ``straddle-unmapped``: the
-#: same with no page after the first (the argument cannot even be read).
+#: same with an inaccessible page after the first (PROT_NONE, which faults as
+#: a hole does; the argument cannot even be read).
 LAYOUTS = ("read-only", "straddle-read-only", "straddle-unmapped")
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -68,7 +69,7 @@ class Pages:
         assert addr is not None
         self.addr: int = addr
         self.n = n
-        self.mapped = [True] * n
+        self.open = True
 
     def write(self, offset: int, data: bytes) -> None:
         ctypes.memmove(self.addr + offset, data, len(data))
@@ -79,15 +80,10 @@ class Pages:
     def protect(self, page: int, prot: int) -> None:
         _check(_libc.mprotect(self.addr + page * PAGE, PAGE, prot), "mprotect")
 
-    def unmap(self, page: int) -> None:
-        _check(_libc.munmap(self.addr + page * PAGE, PAGE), "munmap")
-        self.mapped[page] = False
-
     def close(self) -> None:
-        for i, mapped in enumerate(self.mapped):
-            if mapped:
-                _libc.munmap(self.addr + i * PAGE, PAGE)
-                self.mapped[i] = False
+        if self.open:
+            _libc.munmap(self.addr, self.n * PAGE)
+            self.open = False
 
 
 @contextlib.contextmanager
@@ -102,10 +98,9 @@ def placed(arg: bytes, layout: str) -> Iterator[int]:
         elif layout in ("straddle-read-only", "straddle-unmapped"):
             start = PAGE - 8
             pages.write(start, arg)
-            if layout == "straddle-read-only":
-                pages.protect(1, mmap.PROT_READ)
-            else:
-                pages.unmap(1)
+            # An inaccessible page rather than a hole: the process's next
+            # mmap() could fill a hole before the call is made.
+            pages.protect(1, mmap.PROT_READ if layout == "straddle-read-only" else mmap.PROT_NONE)
             yield pages.addr + start
         else:
             raise ValueError(f"unknown layout {layout!r}")
