@@ -116,7 +116,7 @@ static int kvmlu_binding_release(struct inode *inode, struct file *file)
 	if (b->attached) {
 		mutex_lock(&table->bind_lock);
 		list_del(&b->link);
-		table->nr_bindings--;
+		WRITE_ONCE(table->nr_bindings, table->nr_bindings - 1);
 		mutex_unlock(&table->bind_lock);
 		/* After this no callback runs for @b; a notification may. */
 		kvmlu_binding_unhook(b);
@@ -252,7 +252,7 @@ int kvmlu_table_bind(struct kvmlu_ucmd *ucmd)
 	}
 	kvmlu_table_get(table);
 	list_add_tail(&b->link, &table->bindings);
-	table->nr_bindings++;
+	WRITE_ONCE(table->nr_bindings, table->nr_bindings + 1);
 	b->attached = true;
 
 	/*

@@ -171,7 +171,8 @@ void kvmlu_counters_read(struct kvmlu_counters *c, struct kvmlu_stats *out);
  *	NDST. Taken with interrupts disabled: @notify_work takes it in hard
  *	interrupt context.
  * @counters: Posting counters over all bindings and POST calls.
- * @bind_lock: Protects @bindings and @nr_bindings. A mutex: bind and unbind
+ * @bind_lock: Protects @bindings and writes of @nr_bindings, which readers
+ *	(QUERY, INFO) take with READ_ONCE() and no lock. A mutex: bind and unbind
  *	sleep (they poll and unhook an eventfd).
  * @bindings: The &kvmlu_binding objects attached, via their @link.
  * @nr_bindings: Entries in @bindings.

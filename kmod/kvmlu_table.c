@@ -59,7 +59,8 @@ static void kvmlu_stats_add(struct kvmlu_stats *sum, struct kvmlu_counters *c)
  * @nr_bindings: Live bindings.
  * @stats: The counters of every table since the module was loaded.
  *
- * Takes kvmlu_tables_lock and each table's bind_lock; may sleep.
+ * Takes kvmlu_tables_lock, and no table's lock: each table's binding count
+ * is read as it stands. May sleep.
  */
 void kvmlu_tables_totals(u64 *nr_tables, u64 *nr_bindings,
 			 struct kvmlu_stats *stats)
@@ -72,9 +73,7 @@ void kvmlu_tables_totals(u64 *nr_tables, u64 *nr_bindings,
 	*stats = kvmlu_retired;
 	list_for_each_entry(table, &kvmlu_tables, node) {
 		(*nr_tables)++;
-		mutex_lock(&table->bind_lock);
-		*nr_bindings += table->nr_bindings;
-		mutex_unlock(&table->bind_lock);
+		*nr_bindings += READ_ONCE(table->nr_bindings);
 		kvmlu_stats_add(stats, &table->counters);
 	}
 	mutex_unlock(&kvmlu_tables_lock);
@@ -432,9 +431,7 @@ static int kvmlu_table_info(struct kvmlu_ucmd *ucmd)
 	if (ti->flags)
 		return -EINVAL;
 	ti->nr_vcpus = table->nr_vcpus;
-	mutex_lock(&table->bind_lock);
-	ti->nr_bindings = table->nr_bindings;
-	mutex_unlock(&table->bind_lock);
+	ti->nr_bindings = READ_ONCE(table->nr_bindings);
 	kvmlu_counters_read(&table->counters, &ti->stats);
 	return kvmlu_ucmd_respond(ucmd, sizeof(*ti));
 }
