@@ -89,7 +89,7 @@ test: deps venv
 test-host: venv
 	$(VENV)/bin/ruff check pyctl tests
 	$(VENV)/bin/mypy
-	KVMLU_KERNEL=$(KVER) $(VENV)/bin/pytest tests/host $(PYTEST_ARGS)
+	KVMLU_KERNEL=$(KVER) KVMLU_QEMU_CACHE=$(QEMU_CACHE) $(VENV)/bin/pytest tests/host $(PYTEST_ARGS)
 
 # The whole kernel suite in one boot of the test VM.
 test-kernel: venv
