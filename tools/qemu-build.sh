@@ -68,6 +68,10 @@ apt_uris() {
 	done | awk '/^https?:\/\// && !seen[$0]++'
 }
 
+sha256_ok() {
+	echo "$tarball_sha256  $1" | sha256sum -c --quiet - >/dev/null 2>&1
+}
+
 # The tarball: once, from the first source whose pool serves it.
 tarball=$cache/$tarball_name
 if [ ! -f "$tarball" ]; then
@@ -78,9 +82,14 @@ if [ ! -f "$tarball" ]; then
 		rm -f "$tarball.part"
 	done
 	[ -f "$tarball.part" ] || { echo "qemu: no apt source serves $tarball_name" >&2; exit 1; }
+	if ! sha256_ok "$tarball.part"; then
+		rm -f "$tarball.part"
+		echo "qemu: refused $url: its sha256 is not $tarball_sha256" >&2
+		exit 1
+	fi
 	mv "$tarball.part" "$tarball"
 fi
-if ! echo "$tarball_sha256  $tarball" | sha256sum -c --quiet -; then
+if ! sha256_ok "$tarball"; then
 	echo "qemu: $tarball is not the expected tarball (sha256 $tarball_sha256);" \
 		"remove it to fetch it again" >&2
 	exit 1
