@@ -137,7 +137,7 @@ test-debug: deps venv $(STAMPS)/apt-debug
 		$(VM_ARGS) -- $(CURDIR)/$(PY) -m pytest -p no:cacheprovider tests/kernel $(PYTEST_ARGS)
 
 # The real VMM: QEMU 10.2.2 with qemu-patches/series, built into $(QEMU_CACHE)
-# once per tarball and patch set (12 minutes cold on 2 cores); prints
+# once per tarball and patch set (12-14 minutes cold on 2 cores); prints
 # QEMU_BIN. The test VM does not see /var/cache: a target that runs this QEMU
 # in the VM copies it into the checkout first (as test-debug does its modules).
 qemu:
