@@ -42,7 +42,8 @@ DEBUG_SWAP_ROUNDS ?= 50
 # Where make qemu keeps QEMU's source, wheels and builds (about 1 GB) between
 # runs; QEMU_BIN is the binary of the last build.
 QEMU_CACHE ?= /var/cache/kvmlu/qemu
-QEMU_BIN := $(QEMU_CACHE)/current/qemu-system-x86_64
+# The binary of the last build, copied into the checkout for the test VM.
+QEMU_BIN := $(CURDIR)/build/qemu/qemu-system-x86_64
 
 .PHONY: all deps venv modules test test-host test-kernel test-debug lint demo bench fuzz qemu clean help
 
@@ -136,10 +137,10 @@ test-debug: deps venv $(STAMPS)/apt-debug
 		--env KVMLU_SWITCHES=$(DEBUG_SWITCHES) --env KVMLU_SWAP_ROUNDS=$(DEBUG_SWAP_ROUNDS) \
 		$(VM_ARGS) -- $(CURDIR)/$(PY) -m pytest -p no:cacheprovider tests/kernel $(PYTEST_ARGS)
 
-# The real VMM: QEMU 10.2.2 with qemu-patches/series, built into $(QEMU_CACHE)
-# once per tarball and patch set (12-14 minutes cold on 2 cores); prints
-# QEMU_BIN. The test VM does not see /var/cache: a target that runs this QEMU
-# in the VM copies it into the checkout first (as test-debug does its modules).
+# The real VMM: QEMU 10.2.2 with qemu-patches/series and kvmlu's uAPI header,
+# built into $(QEMU_CACHE) once per tarball, patch set and header (12-14
+# minutes cold on 2 cores), and copied to QEMU_BIN in the checkout, which the
+# test VM sees (it does not see /var/cache); prints QEMU_BIN.
 qemu:
 	tools/qemu-build.sh $(QEMU_CACHE)
 

@@ -14,18 +14,25 @@
 # CACHE/build-KEY/src               the unpacked, patched tree; built in src/build
 # CACHE/build-KEY/.kvmlu-done       written last: the build is complete
 # CACHE/current                     -> the build-KEY of the last run
-# CACHE/current/qemu-system-x86_64  the binary; its path is also the last line
-#                                   printed
+# CACHE/current/qemu-system-x86_64  the binary
+# build/qemu/qemu-system-x86_64     a copy in the checkout, which the test VM
+#                                   sees (it does not see /var/cache); its
+#                                   path is the last line printed
 #
-# KEY is a sha256 over the tarball's sha256, the series, every patch it lists
-# and the configure flags: an unchanged tree is never rebuilt, and builds of
-# other keys except the previous one are deleted.
+# The patches include kvmlu's uAPI header as <linux/kvmlu.h>: it is copied
+# from kmod/include/uapi into QEMU's linux-headers/, as QEMU carries the
+# kernel's own uAPI headers.
+#
+# KEY is a sha256 over the tarball's sha256, the series, every patch it lists,
+# the uAPI header and the configure flags: an unchanged tree is never rebuilt,
+# and builds of other keys except the previous one are deleted.
 
 set -euo pipefail
 
 cache=${1:?usage: $0 CACHE}
 checkout=$(cd "$(dirname "$0")/.." && pwd)
 patches=$checkout/qemu-patches
+uapi=$checkout/kmod/include/uapi/linux/kvmlu.h
 version=10.2.2
 tarball_name=qemu_${version}+ds.orig.tar.xz
 tarball_sha256=be05230fe47a6937cd29f28f562932c8125f9c93c2a82c625198f7a4aa601dfb
@@ -109,6 +116,7 @@ key=$({
 	for p in "${series[@]}"; do
 		echo "$(sha256sum "$patches/$p" | cut -d' ' -f1) $p"
 	done
+	echo "$(sha256sum "$uapi" | cut -d' ' -f1) kvmlu.h"
 	echo "${configure_flags[*]}"
 	echo "$wheels"
 } | sha256sum | cut -c1-16)
@@ -132,6 +140,7 @@ else
 			exit 1
 		}
 	done
+	install -m 644 "$uapi" "$build/src/linux-headers/linux/kvmlu.h"
 	# The +ds tarball has no edk2 firmware blobs: do not unpack them.
 	sed -i 's/^\( *unpack_edk2_blobs = \)bzip2\.found()$/\1false/' "$build/src/meson.build"
 	grep -q '^ \+unpack_edk2_blobs = false$' "$build/src/meson.build" ||
@@ -160,4 +169,7 @@ mv -T "$cache/current.tmp" "$cache/current"
 for old in "$cache"/build-*; do
 	case ${old##*/} in "build-$key" | "$previous") ;; *) rm -rf "$old" ;; esac
 done
-echo "$cache/current/qemu-system-x86_64"
+out=$checkout/build/qemu
+mkdir -p "$out"
+cmp -s "$bin" "$out/qemu-system-x86_64" || cp "$bin" "$out/qemu-system-x86_64"
+echo "$out/qemu-system-x86_64"
