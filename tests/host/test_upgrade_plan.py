@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import time
 from pathlib import Path
 
 import pytest
@@ -243,11 +245,19 @@ def test_a_workload_leaves_no_process_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Like fio's job processes: a worker in a session of its own, which
-    # killing the workload's process group does not reach.
+    # killing the workload's process group does not reach. The worker
+    # writes its pid itself, once in its session, and the test waits for
+    # it: workload() gives the workload 2 s to start, which a loaded
+    # machine may not honour.
     pidfile = tmp_path / "worker.pid"
-    script = f"setsid sleep 300 & echo $! > {pidfile}; exec sleep 300"
+    worker_sh = f"echo $$ > {pidfile}.tmp && mv {pidfile}.tmp {pidfile}; exec sleep 300"
+    script = f"setsid sh -c {shlex.quote(worker_sh)} & exec sleep 300"
     monkeypatch.setattr(bench_upgrade, "workload_argv", lambda name: ["sh", "-c", script])
     with bench_upgrade.workload("disk"):
+        deadline = time.monotonic() + 120  # a guard only
+        while not pidfile.exists():
+            assert time.monotonic() < deadline, "the worker never started"
+            time.sleep(0.01)
         worker = int(pidfile.read_text())
         assert worker in bench_upgrade.descendants(os.getpid())
         assert os.getsid(worker) == worker  # not in the workload's session
