@@ -35,9 +35,10 @@ SCM_RIGHTS) and gets one JSON reply. The upgrade's commands, in order:
     every vCPU once more first.
 
 Also: ``pause_save`` with ``hold`` keeps the last ready signal back until
-``let_go`` (tests raise an interrupt in between); ``preserve`` puts what
-``export`` would pass into a kvmlu session, and ``prepare_session`` prepares
-from one (the old VMM dies after its save).
+``let_go`` (tests raise an interrupt in between); ``settle`` makes every
+running vCPU SYNC once more and waits for it (tests, with the devices quiet);
+``preserve`` puts what ``export`` would pass into a kvmlu session, and
+``prepare_session`` prepares from one (the old VMM dies after its save).
 
 Every reply carries the CLOCK_MONOTONIC stamps of the command's phases.
 """
@@ -71,6 +72,7 @@ REALTIME_PRIORITY = 10
 CONFIG_BYTES = 64  # the standard PCI header: what a device's "state" is here
 _HDR = struct.Struct("<QQ")  # vAPIC blob length, device state length
 _STATE_LEN = struct.Struct("<Q")  # the header's second field alone
+SETTLE_TIMEOUT = 60.0  # a hang guard: a running vCPU thread SYNCs within ms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +174,7 @@ class LiveVmm:
         self.log: list[list[Any]] = []  # [start, end, vCPU, [vectors moved], side]
         self.log_lock = threading.Lock()  # protects log and log_mark
         self.log_mark = 0  # log entries before it came before the last start()
+        self.last_sync: dict[int, float] = {}  # vCPU -> start of its latest SYNC
         self.acked = 0
         self.side = "vmm"
         self.notify_attached = True  # False while the table's targets are not ours
@@ -322,6 +325,7 @@ class LiveVmm:
         with self.log_lock:
             self.log.append([t, end, v, sorted(moved), self.side])
             self.acked += n
+            self.last_sync[v] = t
 
     def start(self) -> float:
         """Let the vCPU threads run; returns the moment they may."""
@@ -347,6 +351,34 @@ class LiveVmm:
                 while self.parked < len(self.threads):
                     self.cond.wait()
         return time.monotonic()
+
+    def settle(self, timeout: float = SETTLE_TIMEOUT) -> dict[str, float]:
+        """Make every vCPU take what is pending, and wait until each has.
+
+        Signals each vCPU's notification eventfd and waits until every vCPU
+        thread has started a SYNC after that moment: whatever had been
+        posted before is then in a SYNC of this VMM. A caller that keeps the
+        devices quiet meanwhile (``quiet_upgrades``) knows that every raise
+        that had landed is in a SYNC that started after its landing, and,
+        after a takeover, that every vCPU of the new VMM has SYNCed before
+        the devices raise again. Those SYNCs are real ones (logged, ACKed).
+        Fails if the vCPUs do not run, or after ``timeout`` seconds.
+        """
+        with self.cond:
+            if self.stopping:
+                raise RuntimeError("settle: the vCPUs do not run")
+        t0 = time.monotonic()
+        for fd in self.notify:
+            os.eventfd_write(fd, 1)
+        deadline = t0 + timeout
+        while True:
+            with self.log_lock:
+                behind = [v for v in range(self.nr_vcpus) if self.last_sync.get(v, t0 - 1) < t0]
+            if not behind:
+                return {"settle": t0, "settled": time.monotonic()}
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"settle: vCPUs {behind[:8]} did not SYNC in {timeout:g} s")
+            time.sleep(0.001)
 
     def _exit_threads(self) -> None:
         if not self.threads:
@@ -735,6 +767,7 @@ def _handle(vmm: LiveVmm, msg: dict[str, Any], fds: list[int]) -> tuple[dict[str
         "prepare": lambda: {"t": vmm.prepare(msg["manifest"], fds)},
         "pause_save": lambda: {"t": vmm.pause_save(bool(msg.get("hold")))},
         "let_go": vmm.let_go,
+        "settle": lambda: {"t": vmm.settle()},
         "abandon": vmm.abandon,
         "takeover": lambda: {
             "t": vmm.takeover(msg.get("fail")),

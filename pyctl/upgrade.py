@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -207,7 +208,8 @@ class Raiser:
     host's count of the device's MSI moved). An MSI the host never handles
     (sent while VFIO re-requested the IRQ, as ``naive`` does) is stamped as
     landed when the wait gives up (``land_timeout`` seconds): no VMM can
-    have received it, so the checker counts it lost. ``unlanded`` counts them.
+    have received it, so the checker counts it lost. ``unlanded`` counts them;
+    ``given_up`` holds them (also in ``raises``).
     """
 
     edus: list[Edu]
@@ -217,6 +219,7 @@ class Raiser:
     raises: list[Raise] = field(default_factory=list)
     error: str | None = None
     unlanded: int = 0
+    given_up: list[Raise] = field(default_factory=list)
     land_max: float = 0.0  # the slowest landing, in seconds: the timeout's margin
 
     def __post_init__(self) -> None:
@@ -262,11 +265,12 @@ class Raiser:
         issued = time.monotonic()
         edu.raise_irq()
         deadline = issued + self.land_timeout
+        landed = True
         while counter.count() == before:
             # The count again after the clock: a raiser that lost its CPU
             # between the two reads must not take a landed MSI for a lost one.
             if time.monotonic() > deadline and counter.count() == before:
-                self.unlanded += 1
+                landed = False
                 counter.close()  # the IRQ may have changed
                 break
             # Poll gently: a spinning device thread would take a guest CPU
@@ -274,7 +278,11 @@ class Raiser:
             time.sleep(0.0002)
         else:
             self.land_max = max(self.land_max, time.monotonic() - issued)
-        self.raises.append(Raise(time.monotonic(), *self.targets[k], issued=issued))
+        r = Raise(time.monotonic(), *self.targets[k], issued=issued)
+        self.raises.append(r)
+        if not landed:
+            self.unlanded += 1
+            self.given_up.append(r)
 
 
 def msi_irq(bdf: str) -> int | None:
@@ -352,9 +360,43 @@ class Downtime:
         }
 
 
+@dataclass(frozen=True)
+class Window:
+    """One upgrade's window as the device saw it, and the raises stamped inside.
+
+    The window runs from the old VMM's pause to the moment the VMM that
+    runs afterwards let its vCPUs run: the new one, or the old one after a
+    rollback (an upgrade rolled back before the pause has an empty window).
+    ``landed`` are the raises whose MSI the raiser saw the host handle, with
+    the landing stamp inside the window; ``unlanded`` the raises it gave up
+    on after its landing timeout, stamped inside the window (when it gave
+    up): whether the host ever handled those is not known.
+    """
+
+    pause: float
+    resume: float
+    rolled_back: bool = False
+    landed: tuple[Raise, ...] = ()
+    unlanded: tuple[Raise, ...] = ()
+
+
+def windows_of(
+    downtimes: Sequence[Downtime], raises: Sequence[Raise], given_up: Sequence[Raise]
+) -> list[Window]:
+    """Each upgrade's :class:`Window` with the raises whose stamps lie inside it."""
+    unsure = set(given_up)
+    out = []
+    for d in downtimes:
+        inside = [r for r in raises if d.pause <= r.t <= d.running]
+        landed = tuple(r for r in inside if r not in unsure)
+        unlanded = tuple(r for r in inside if r in unsure)
+        out.append(Window(d.pause, d.running, d.rolled_back, landed, unlanded))
+    return out
+
+
 @dataclass
 class RunResult:
-    """What :func:`run` measured: each upgrade's downtime and the checker's verdict."""
+    """What :func:`run` measured: each upgrade's downtime and window, and the checker's verdict."""
 
     strategy: str
     optimisations: str
@@ -367,6 +409,7 @@ class RunResult:
     unlanded: int = 0
     timeline: tuple[list[Raise], list[Fetch]] = ([], [])
     land_ms_max: float = 0.0  # the slowest landing of a raise that landed
+    windows: list[Window] = field(default_factory=list)  # one per upgrade, in order
 
     def summary(self) -> dict[str, Any]:
         ms = sorted(d.total_ms for d in self.downtimes if not d.rolled_back)
@@ -544,6 +587,24 @@ def _wait_raises(raiser: Raiser, n: int) -> None:
         time.sleep(0.001)
 
 
+def _held(
+    raiser: Raiser,
+    quiet: bool,
+    vmm: VmmHandle,
+    go: Callable[[], tuple[VmmHandle, Downtime]],
+) -> tuple[VmmHandle, Downtime]:
+    """``go()``, one upgrade of ``vmm``; ``quiet``: with the device stream held
+    throughout and both VMMs settled, ``vmm`` before and the one that runs
+    afterwards after (see :func:`run`)."""
+    if not quiet:
+        return go()
+    with raiser.lock:
+        vmm.call("settle")
+        new, dt = go()
+        new.call("settle")
+    return new, dt
+
+
 def run(
     edus: list[Edu],
     nr_vcpus: int,
@@ -565,7 +626,14 @@ def run(
     ``faults`` maps an upgrade's index to the fault injected into it;
     ``between`` is how many interrupts the device raises between upgrades;
     ``raise_in_window`` raises one more in every upgrade while no VMM runs;
-    ``quiet_upgrades`` keeps the device stream from raising during upgrades;
+    ``quiet_upgrades`` keeps the device stream from raising during upgrades,
+    and settles the VMMs on both sides of each upgrade with the stream held
+    (:meth:`pyctl.livevmm.LiveVmm.settle`): before the pause every vCPU
+    SYNCs after the last raise had landed, so nothing the device raised
+    before is still pending; after the takeover every vCPU of the VMM that
+    runs SYNCs before the stream raises again, so a raise of the window is
+    not covered by a later raise of its vector. The raises inside a window
+    are then the window's own, and what a strategy does with them shows;
     ``interval`` is the device's pause between two raises (0: back to back);
     ``land_timeout``: seconds after which a raise that has not landed counts
     as never landed; ``zygote`` forks the VMMs (the run starts and stops its
@@ -592,8 +660,8 @@ def run(
         for i in range(upgrades):
             _wait_raises(raiser, between)
             hook = (lambda k=i: raiser.raise_one(k % len(edus))) if raise_in_window else None
-            with raiser.lock if quiet_upgrades else contextlib.nullcontext():
-                new, dt = upgrade(vmm, zygote, strategy, vapic, opts, faults.get(i), hook)
+            go = functools.partial(upgrade, vmm, zygote, strategy, vapic, opts, faults.get(i), hook)
+            new, dt = _held(raiser, quiet_upgrades, vmm, go)
             downtimes.append(dt)
             if new is not vmm:
                 reply = vmm.final or vmm.call("stop", drain=False)[0]
@@ -633,6 +701,7 @@ def run(
         raiser.unlanded,
         (raiser.raises, fetches),
         raiser.land_max * 1e3,
+        windows_of(downtimes, raiser.raises, raiser.given_up),
     )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import time
 from pathlib import Path
 
 import pytest
@@ -21,9 +23,9 @@ from pyctl.bench_upgrade import (
     steps_table,
     table,
 )
-from pyctl.check import check
+from pyctl.check import Raise, check
 from pyctl.livevmm import Optimisations
-from pyctl.upgrade import Downtime, Raiser, RunResult, _downtime, targets_for
+from pyctl.upgrade import Downtime, Raiser, RunResult, _downtime, targets_for, windows_of
 
 
 def test_optimisation_specs() -> None:
@@ -243,11 +245,19 @@ def test_a_workload_leaves_no_process_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Like fio's job processes: a worker in a session of its own, which
-    # killing the workload's process group does not reach.
+    # killing the workload's process group does not reach. The worker
+    # writes its pid itself, once in its session, and the test waits for
+    # it: workload() gives the workload 2 s to start, which a loaded
+    # machine may not honour.
     pidfile = tmp_path / "worker.pid"
-    script = f"setsid sleep 300 & echo $! > {pidfile}; exec sleep 300"
+    worker_sh = f"echo $$ > {pidfile}.tmp && mv {pidfile}.tmp {pidfile}; exec sleep 300"
+    script = f"setsid sh -c {shlex.quote(worker_sh)} & exec sleep 300"
     monkeypatch.setattr(bench_upgrade, "workload_argv", lambda name: ["sh", "-c", script])
     with bench_upgrade.workload("disk"):
+        deadline = time.monotonic() + 120  # a guard only
+        while not pidfile.exists():
+            assert time.monotonic() < deadline, "the worker never started"
+            time.sleep(0.01)
         worker = int(pidfile.read_text())
         assert worker in bench_upgrade.descendants(os.getpid())
         assert os.getsid(worker) == worker  # not in the workload's session
@@ -297,6 +307,28 @@ def test_a_raise_that_landed_while_the_raiser_was_late_is_not_lost(
     # by the time the raiser sees its clock past the deadline the MSI landed.
     late = _raise_with_clock(monkeypatch, reads=2)
     assert late.unlanded == 0 and late.land_max == pytest.approx(2.0)
+    assert late.given_up == []
     # One that has not landed by then is counted as never landed.
     lost = _raise_with_clock(monkeypatch, reads=10**6)
     assert lost.unlanded == 1 and len(lost.raises) == 1
+    assert lost.given_up == lost.raises
+
+
+def test_windows_hold_the_raises_stamped_between_pause_and_resume() -> None:
+    downtimes = [
+        Downtime(pause=1.0, suspended=1.1, saved=1.2, loaded=1.3, running=1.5),
+        Downtime(2.0, 2.1, 2.2, 2.3, 2.4, rolled_back=True),
+        Downtime(3.0, 3.0, 3.0, 3.0, 3.0, rolled_back=True),  # never paused
+    ]
+    before, first, edge, between = (Raise(t, 0, 0x41) for t in (0.9, 1.25, 1.5, 1.7))
+    gave_up, second = Raise(2.2, 3, 0x62), Raise(2.3, 7, 0x73)
+    raises = [before, first, edge, between, gave_up, second]
+    w = windows_of(downtimes, raises, [gave_up])
+    assert [(x.pause, x.resume, x.rolled_back) for x in w] == [
+        (1.0, 1.5, False),
+        (2.0, 2.4, True),
+        (3.0, 3.0, True),
+    ]
+    assert (w[0].landed, w[0].unlanded) == ((first, edge), ())
+    assert (w[1].landed, w[1].unlanded) == ((second,), (gave_up,))
+    assert (w[2].landed, w[2].unlanded) == ((), ())

@@ -9,6 +9,7 @@ The checker then compares every raise with every SYNC of every VMM.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
@@ -106,11 +107,15 @@ def test_runs_share_one_zygote(edus: list[Edu]) -> None:
             r = run(
                 edus, 8, strategy, Optimisations.parse("all"), 2, zygote=zygote, quiet_upgrades=True
             )
+            # Quiet upgrades settle the VMMs first: even naive has nothing
+            # pending when it pauses, and no raise comes in the window.
             assert r.report.ok, r.report.text()
             assert zygote.proc.poll() is None
-            # Every raise landed, and the slowest landing is on record.
-            assert r.unlanded == 0
-            assert 0 < r.land_ms_max < LAND_TIMEOUT * 1e3
+            # Every raise landed (none was sent while VFIO re-programmed the
+            # MSI; LAND_TIMEOUT only guards against a hang), and the slowest
+            # landing is on record: how slow is the machine's business.
+            assert r.unlanded == 0, r.summary()
+            assert r.land_ms_max > 0
     finally:
         zygote.close()
     assert zygote.proc.returncode == 0
@@ -157,20 +162,65 @@ def test_vmm_of_another_version_refuses_a_handed_vapic(edus: list[Edu]) -> None:
 
 
 def test_naive_loses_what_lands_in_the_window(edus: list[Edu]) -> None:
-    # Quiet upgrades: a loss shows as a SYNC that finds nothing after the
-    # window's raise. With the stream running, the device's next raise of the
-    # same vector could land before the new vCPU's first SYNC and make the
-    # lost raise look coalesced with it (seen once the window got short).
+    """naive loses exactly the raises that landed inside an upgrade's window.
+
+    The test counts the window raises from the run's stamps
+    (``RunResult.windows``: the raises stamped between the old VMM's pause
+    and the new VMM's start, landed or given up on) instead of assuming
+    that each upgrade's raise landed in its window and showed as lost.
+
+    Quiet upgrades make that count the whole story: the device stream holds
+    still from before the pause until after the takeover, and both VMMs
+    settle with it held. Before the pause every vCPU SYNCs after the last
+    landing, so naive has nothing pending to lose but the window's raises;
+    after the takeover every new vCPU SYNCs before the stream raises
+    again, so a window raise is not covered by a later raise of its vector
+    (without that, a loaded machine could let the stream's next raise land
+    first: issue 18 saw 3 lost of 4). Each window holds its own raise, sent
+    after the old VMM's save and before the new VMM re-programs the MSI: it
+    lands in the old eventfd, which nobody reads.
+
+    A raise the raiser gave up on (no landing seen in LAND_TIMEOUT) is
+    stamped when it gave up, inside the window, and the checker counts it
+    lost by construction; it is expected among the losses but proves
+    nothing. If no window raise landed verifiably the run tested nothing,
+    and the test fails saying so rather than retrying: the old VMM holds
+    the window open until the raise has landed, so a slow machine only
+    makes the window longer; no landing in LAND_TIMEOUT, four times, means
+    the device's MSIs do not reach the host.
+    """
     r = upgrade_run(edus, "naive", quiet=True)
-    assert r.report.lost >= UPGRADES, r.report.text()
+    text = f"{r.report.text()}\n{r.summary()}"
+    assert len(r.windows) == UPGRADES
+    # The stream is held during upgrades: each window holds its own raise only.
+    assert [len(w.landed) + len(w.unlanded) for w in r.windows] == [1] * UPGRADES, r.windows
+    landed = [x for w in r.windows for x in w.landed]
+    unsure = [x for w in r.windows for x in w.unlanded]
+    if not landed:
+        pytest.fail(
+            f"no raise verifiably landed inside any of the {UPGRADES} windows "
+            f"({len(unsure)} given up after {LAND_TIMEOUT:g} s each): the device's MSIs "
+            f"did not reach the host, so this run tested nothing\n{text}"
+        )
+    print(f"naive: {len(landed)} window raises landed, {len(unsure)} given up\n{text}")
+    lost = Counter({key: k.lost for key, k in r.report.keys.items() if k.lost})
+    assert lost == Counter((x.vcpu, x.vector) for x in landed + unsure), text
 
 
 def test_inject_invents_interrupts(edus: list[Edu]) -> None:
-    # Quiet upgrades: only the window's raise is pending, so at least two of
-    # the three injected vectors stand for nothing the device raised.
+    """inject loses nothing and invents one interrupt per other device in every upgrade.
+
+    Quiet upgrades (see the naive test): when the new VMM injects every
+    device's vector, only the window's raise is pending, and every earlier
+    raise was delivered in a SYNC that started after it had landed; the
+    new vCPUs SYNC before the stream raises again. So in every upgrade the
+    injection of each other device's vector stands for nothing the device
+    raised: spurious, or duplicated if it was delivered before.
+    """
     r = upgrade_run(edus, "inject", quiet=True)
     assert r.report.lost == 0, r.report.text()
-    assert r.report.spurious + r.report.duplicated > 0, r.report.text()
+    invented = r.report.spurious + r.report.duplicated
+    assert invented == (len(edus) - 1) * UPGRADES, r.report.text()
 
 
 def test_cpr_invents_nothing(edus: list[Edu]) -> None:

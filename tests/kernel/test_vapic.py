@@ -311,7 +311,11 @@ def test_v2_saves_v1_format_for_the_way_back(
 def test_swap_round_trips_under_storm(dev: Device) -> None:
     """200 round trips v1 -> v2 (rmmod and insmod v1) -> v1 while two edu devices keep
     raising into bindings: IRR and ISR survive every swap, every PIR rise is taken by
-    exactly one SYNC, no other vector appears, and nothing leaks."""
+    exactly one SYNC, no other vector appears, and nothing leaks.
+
+    How many MSIs rise in PIR during the round trips depends on how the
+    machine schedules the storm thread; the round trips go on past 200 (at
+    most as many again) until there were more rises than round trips."""
     rounds = int(os.environ.get("KVMLU_SWAP_ROUNDS", "200"))
     targets = [(0, 0x45), (1, 0xB2)]
     base = dev.query()
@@ -337,11 +341,17 @@ def test_swap_round_trips_under_storm(dev: Device) -> None:
 
         th = threading.Thread(target=storm)
         th.start()
+
+        def posted() -> int:
+            return sum(b.info().stats.posted for b in binds)
+
         with VapicDevice(2) as d2:
             d1 = VapicDevice(1)
             cur = d1.create(t)
             try:
-                for _ in range(rounds):
+                done = 0
+                while done < rounds or posted() <= rounds:
+                    assert done < 2 * rounds, f"the storm made no progress: {posted()} rises"
                     take(cur)
                     [cur], rep = swap([(t, cur)], d2)
                     assert rep.ok, rep.text()
@@ -352,6 +362,7 @@ def test_swap_round_trips_under_storm(dev: Device) -> None:
                     take(cur)
                     [cur], rep = swap([(t, cur)], d1, format=1)
                     assert rep.ok, rep.text()
+                    done += 1
                 stop.set()
                 th.join()
                 # One last MSI per device, consumed before we look: every earlier

@@ -16,7 +16,9 @@ from pyctl.edu import EDU_ID_LOW, Edu, find_vfio_edu
 from pyctl.kvmlu import Binding, Device
 
 TIMEOUT = 10.0
-STORM_SECONDS = 3.0
+STORM_SECONDS = 3.0  # the storm lasts at least this long,
+STORM_RAISES = 100  # and until each device raised this many times;
+STORM_HANG_SECONDS = 600.0  # a guard only: a storm that makes no progress
 
 
 @pytest.fixture
@@ -129,7 +131,10 @@ def test_sn_keeps_bit_without_notification(dev: Device, edus: list[Edu]) -> None
 
 
 def test_storm_nothing_lost_nothing_spurious(dev: Device, edus: list[Edu]) -> None:
-    """Raisers on both devices race a fetching consumer; every rise is taken exactly once."""
+    """Raisers on both devices race a fetching consumer; every rise is taken exactly once.
+
+    The storm lasts STORM_SECONDS and until each device raised STORM_RAISES
+    times, however slow the machine: its size is reached, not hoped for."""
     a, b = edus
     assert a.msi_eventfd is not None and b.msi_eventfd is not None
     targets = {0: (0, 0x45), 1: (1, 0xB2)}  # device -> (vCPU, vector)
@@ -168,7 +173,13 @@ def test_storm_nothing_lost_nothing_spurious(dev: Device, edus: list[Edu]) -> No
             threads.append(threading.Thread(target=consumer))
             for th in threads:
                 th.start()
-            time.sleep(STORM_SECONDS)  # the storm's length, not a wait for a result
+            start = time.monotonic()
+            while (
+                time.monotonic() - start < STORM_SECONDS or min(raised[0], raised[1]) < STORM_RAISES
+            ):
+                if errors or time.monotonic() - start > STORM_HANG_SECONDS:
+                    break
+                time.sleep(0.05)
             stop.set()
             for th in threads:
                 th.join()
@@ -203,7 +214,7 @@ def test_storm_nothing_lost_nothing_spurious(dev: Device, edus: list[Edu]) -> No
             wait_until(caught_up, TIMEOUT, f"notifications {want}, got {got}")
             ts = t.info().stats
             assert ts.signals == sum(b.info().stats.signals for b in binds)
-            assert sum(raised.values()) > 100, f"storm too small: {raised}"
+            assert min(raised[0], raised[1]) > STORM_RAISES, f"storm made no progress: {raised}"
             for bd in binds:
                 bd.close()
     finally:
