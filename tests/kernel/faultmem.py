@@ -20,6 +20,7 @@ import struct
 from collections.abc import Iterator
 
 PAGE = mmap.PAGESIZE
+PROT_NONE = 0  # not in Python's mmap module
 
 #: Where an argument is placed, and what the kernel can do with it:
 #: ``read-only``: wholly in a read-only page (readable, not writable);
@@ -100,7 +101,7 @@ def placed(arg: bytes, layout: str) -> Iterator[int]:
             pages.write(start, arg)
             # An inaccessible page rather than a hole: the process's next
             # mmap() could fill a hole before the call is made.
-            pages.protect(1, mmap.PROT_READ if layout == "straddle-read-only" else mmap.PROT_NONE)
+            pages.protect(1, mmap.PROT_READ if layout == "straddle-read-only" else PROT_NONE)
             yield pages.addr + start
         else:
             raise ValueError(f"unknown layout {layout!r}")
