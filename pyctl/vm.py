@@ -3,7 +3,9 @@
 Kernel code never runs on the build machine.  ``kvmlu vm -- COMMAND`` boots an
 installed Debian kernel under QEMU with virtme-ng (TCG by default), on a q35
 machine with an emulated Intel IOMMU (interrupt remapping on) and N QEMU
-``edu`` PCI functions, and runs :mod:`pyctl.guest` in it.  The guest loads the
+``edu`` PCI functions, and runs :mod:`pyctl.guest` in it.  The CPU model is
+``max`` unless ``--cpu`` says otherwise: under TCG it is AMD-vendor with SVM,
+so the guest runner loads ``kvm_amd`` and the test VM is a nested-KVM host.  The guest loads the
 modules, binds the edu functions to vfio-pci, runs COMMAND, unloads the modules
 and scans the kernel log; it writes ``status.json`` into a results folder that
 the host shares read-write with the guest.
@@ -57,6 +59,9 @@ DEFAULT_TIMEOUT = 1800.0
 DEFAULT_MEMORY_MB = 1024
 DEFAULT_CPUS = 2
 DEFAULT_EDU = 2
+# TCG's "max" CPU is AMD-vendor with SVM, so the test VM can be a nested-KVM
+# host (kvm_amd refuses any other vendor); vng picks the same under TCG.
+DEFAULT_CPU_MODEL = "max"
 # Kernel messages of level WARNING and worse reach the console (console.log).
 CONSOLE_LOGLEVEL = 5
 
@@ -167,6 +172,7 @@ class VmOptions:
     edu: int = DEFAULT_EDU
     memory_mb: int = DEFAULT_MEMORY_MB
     cpus: int = DEFAULT_CPUS
+    cpu_model: str = DEFAULT_CPU_MODEL
     modules: list[Path] = field(default_factory=list)
     results_dir: Path = DEFAULT_RESULTS
     timeout: float = DEFAULT_TIMEOUT
@@ -208,12 +214,14 @@ SCRATCH_SERIAL = "kvmlu-scratch"
 
 
 def qemu_options(opts: VmOptions) -> list[str]:
-    """Extra QEMU options: the emulated IOMMU, the edu functions, the scratch disk.
+    """Extra QEMU options: CPU model, emulated IOMMU, edu functions, scratch disk.
 
-    The scratch disk is a virtio-blk disk whose serial is ``kvmlu-scratch``
-    (the guest finds it by /sys/block/*/serial), for workloads that write.
+    The CPU model comes after vng's own ``-cpu`` and so replaces it.  The
+    scratch disk is a virtio-blk disk whose serial is ``kvmlu-scratch`` (the
+    guest finds it by /sys/block/*/serial), for workloads that write.
     """
-    out = ["-device", "intel-iommu,intremap=on"] + ["-device", "edu"] * opts.edu
+    out = ["-cpu", opts.cpu_model, "-device", "intel-iommu,intremap=on"]
+    out += ["-device", "edu"] * opts.edu
     if opts.scratch_mb:
         out += [
             "-drive",
@@ -465,6 +473,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="guest vCPUs (default: %(default)s)",
     )
     parser.add_argument(
+        "--cpu",
+        dest="cpu_model",
+        default=DEFAULT_CPU_MODEL,
+        metavar="MODEL",
+        help="QEMU CPU model; max is AMD-vendor with SVM under TCG, so /dev/kvm "
+        "works inside (default: %(default)s)",
+    )
+    parser.add_argument(
         "--module",
         dest="modules",
         type=Path,
@@ -546,6 +562,8 @@ def options_from_args(args: argparse.Namespace) -> VmOptions:
     else:
         modules = [CHECKOUT / m for m in DEFAULT_MODULES if (CHECKOUT / m).is_file()]
     check_modules(modules, kernel)
+    if not args.cpu_model or any(c.isspace() for c in args.cpu_model):
+        raise VmError(f"--cpu {args.cpu_model!r}: a QEMU CPU model has no spaces")
     for item in args.vm_env:
         if "=" not in item:
             raise VmError(f"--env {item!r}: expected KEY=VALUE")
@@ -564,6 +582,7 @@ def options_from_args(args: argparse.Namespace) -> VmOptions:
         edu=args.edu,
         memory_mb=args.memory,
         cpus=args.cpus,
+        cpu_model=args.cpu_model,
         modules=modules,
         results_dir=args.results.resolve(),
         timeout=args.timeout,
