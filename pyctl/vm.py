@@ -5,10 +5,12 @@ installed Debian kernel under QEMU with virtme-ng (TCG by default), on a q35
 machine with an emulated Intel IOMMU (interrupt remapping on) and N QEMU
 ``edu`` PCI functions, and runs :mod:`pyctl.guest` in it.  The CPU model is
 ``max`` unless ``--cpu`` says otherwise: under TCG it is AMD-vendor with SVM,
-so the guest runner loads ``kvm_amd`` and the test VM is a nested-KVM host.  The guest loads the
-modules, binds the edu functions to vfio-pci, runs COMMAND, unloads the modules
-and scans the kernel log; it writes ``status.json`` into a results folder that
-the host shares read-write with the guest.
+so the guest runner loads ``kvm_amd`` and the test VM is a nested-KVM host.
+The guest kernel gets ``iomem=relaxed``, so that a BAR vfio-pci has claimed
+can still be mapped through sysfs (see :data:`RELAXED_IOMEM`).  The guest
+loads the modules, binds the edu functions to vfio-pci, runs COMMAND, unloads
+the modules and scans the kernel log; it writes ``status.json`` into a results
+folder that the host shares read-write with the guest.
 
 The exit status is COMMAND's when it failed; otherwise 1 when a check failed
 (kernel-log finding, module that would not unload, setup error), 124 when the VM
@@ -232,9 +234,21 @@ def qemu_options(opts: VmOptions) -> list[str]:
     return out
 
 
+# Debian's kernel has CONFIG_IO_STRICT_DEVMEM: a BAR that vfio-pci has claimed
+# cannot be mapped through sysfs resourceN (EINVAL). The nested-guest tests
+# raise MSIs through that mapping while QEMU owns the function
+# (pyctl.qemu.bar); iomem=relaxed lifts the restriction and nothing else.
+RELAXED_IOMEM = "iomem=relaxed"
+
+
 def kernel_params(opts: VmOptions) -> list[str]:
     """Extra guest kernel command line parameters."""
-    return ["intel_iommu=on", f"loglevel={CONSOLE_LOGLEVEL}", *opts.kernel_append]
+    return [
+        "intel_iommu=on",
+        RELAXED_IOMEM,
+        f"loglevel={CONSOLE_LOGLEVEL}",
+        *opts.kernel_append,
+    ]
 
 
 def build_command(opts: VmOptions) -> list[str]:
