@@ -436,7 +436,7 @@ def run(opts: VmOptions) -> int:
     return rc
 
 
-def _module_vermagic(path: Path) -> str | None:
+def module_vermagic(path: Path) -> str | None:
     """The vermagic string of a module file, or None if it has none."""
     match = re.search(rb"vermagic=([^\0]*)\0", path.read_bytes())
     return match.group(1).decode(errors="replace") if match else None
@@ -447,7 +447,7 @@ def check_modules(modules: Sequence[Path], kernel: KernelInfo) -> None:
     for module in modules:
         if not module.is_file():
             raise VmError(f"module {module} not found (build it with make -C kmod)")
-        built_for = (_module_vermagic(module) or "").split()[:1]
+        built_for = (module_vermagic(module) or "").split()[:1]
         if built_for and built_for[0] != kernel.version:
             raise VmError(f"{module} was built for {built_for[0]}, the VM boots {kernel.version}")
 
