@@ -133,6 +133,8 @@ class ModeReport:
     qemu: str
     bdf: str
     qemu_version: str = ""
+    #: Extra vfio-pci properties of the run (x-no-kvm-msi=on...).
+    vfio_props: list[str] = field(default_factory=list)
     #: Why this mode was not run (this QEMU cannot do it), or None.
     skipped: str | None = None
     guest_bdf: str | None = None
@@ -169,7 +171,10 @@ class ModeReport:
 
     def text(self) -> str:
         """A few lines for a person."""
-        head = f"kernel-irqchip={self.irqchip} (QEMU {self.qemu_version} {self.qemu}"
+        head = f"kernel-irqchip={self.irqchip}"
+        if self.vfio_props:
+            head += f" vfio-pci,{','.join(self.vfio_props)}"
+        head += f" (QEMU {self.qemu_version} {self.qemu}"
         if self.skipped is not None:
             return f"{head}): SKIPPED: {self.skipped}"
         out = [f"{head}, edu {self.bdf} -> guest {self.guest_bdf or '?'}): "
@@ -222,6 +227,7 @@ def run_mode(
         qemu=str(opts.qemu),
         bdf=opts.bdf,
         qemu_version=".".join(map(str, version)),
+        vfio_props=list(opts.vfio_props),
         skipped=irqchip_problem(opts.irqchip, version),
     )
     if rep.skipped is not None:

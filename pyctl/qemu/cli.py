@@ -96,6 +96,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="extra inner guest kernel parameter (repeatable)",
     )
     p.add_argument(
+        "--vfio-prop",
+        dest="vfio_props",
+        action="append",
+        default=[],
+        metavar="PROP=VALUE",
+        help="extra -device vfio-pci property (repeatable); x-no-kvm-msi=on makes QEMU "
+        "read the MSI eventfd and inject it itself instead of KVM's irqfd",
+    )
+    p.add_argument(
         "--memory",
         type=int,
         default=qrun.DEFAULT_MEMORY_MB,
@@ -167,6 +176,7 @@ def in_vm(args: argparse.Namespace) -> int:
                 cpu=args.cpu,
                 memory_mb=args.memory,
                 append=args.append,
+                vfio_props=args.vfio_props,
             )
             _note(f"kernel-irqchip={mode}: booting {kernel.name} under {qemu}")
             rep = qcheck.run_mode(
@@ -200,6 +210,8 @@ def vm_argv(args: argparse.Namespace, initrd: Path) -> list[str]:
         inner += ["--cpu", args.cpu]
     for param in args.append:
         inner += ["--append", param]
+    for prop in args.vfio_props:
+        inner += ["--vfio-prop", prop]
     if args.json:
         inner += ["--json", str(args.json.resolve())]
     argv = ["--edu", "1", "--no-modules"]

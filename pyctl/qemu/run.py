@@ -90,6 +90,8 @@ class InnerOptions:
     memory_mb: int = DEFAULT_MEMORY_MB
     cpus: int = 1
     append: list[str] = field(default_factory=list)
+    #: Extra ``-device vfio-pci`` properties, e.g. ``x-no-kvm-msi=on``.
+    vfio_props: list[str] = field(default_factory=list)
 
     @property
     def socket_path(self) -> Path:
@@ -164,7 +166,7 @@ def qemu_argv(opts: InnerOptions) -> list[str]:
     argv += ["-serial", f"file:{opts.console_log}"]
     argv += ["-chardev", f"socket,id=ctl,path={opts.socket_path},server=on,wait=off"]
     argv += ["-serial", "chardev:ctl"]
-    argv += ["-device", f"vfio-pci,host={opts.bdf}"]
+    argv += ["-device", ",".join([f"vfio-pci,host={opts.bdf}", *opts.vfio_props])]
     return argv
 
 
