@@ -179,6 +179,8 @@ class VmOptions:
     results_dir: Path = DEFAULT_RESULTS
     timeout: float = DEFAULT_TIMEOUT
     kernel_append: list[str] = field(default_factory=list)
+    #: Host folders the guest sees read-only (vng --rodir: PATH or GUEST=HOST).
+    rodirs: list[str] = field(default_factory=list)
     env: list[str] = field(default_factory=list)
     console: bool = False
     scratch_mb: int = 0
@@ -210,6 +212,18 @@ def guest_command(opts: VmOptions) -> str:
         argv.append("--require-kmemleak")
     argv += ["--", *opts.command]
     return f"PYTHONPATH={shlex.quote(str(opts.checkout))} exec {shlex.join(argv)} 2>&1"
+
+
+# virtme-ng (1.42) mounts a tmpfs on these in the guest: what the host keeps
+# there (make qemu's build, under /var/cache) needs --rodir to be seen.
+GUEST_HIDDEN = tuple(
+    Path(p) for p in ("/var/cache", "/var/log", "/var/tmp", "/var/lib/apt", "/var/lib/private")
+)
+
+
+def hidden_in_guest(path: Path) -> bool:
+    """True if the guest cannot see *path* without a --rodir."""
+    return any(path == h or h in path.parents for h in GUEST_HIDDEN)
 
 
 SCRATCH_SERIAL = "kvmlu-scratch"
@@ -261,6 +275,7 @@ def build_command(opts: VmOptions) -> list[str]:
     argv += ["--append", shlex.join(kernel_params(opts))]
     argv.append("--qemu-opts=" + " ".join(qemu_options(opts)))
     argv += ["--rwdir", str(opts.results_dir)]
+    argv += [f"--rodir={d}" for d in opts.rodirs]
     argv += ["--exec", guest_command(opts)]
     return argv
 
@@ -526,6 +541,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="extra guest kernel parameter (repeatable)",
     )
     parser.add_argument(
+        "--rodir",
+        dest="rodirs",
+        action="append",
+        default=[],
+        metavar="PATH|GUEST=HOST",
+        help="share a host folder read-only, e.g. one the guest hides under a tmpfs "
+        "such as /var/cache (repeatable)",
+    )
+    parser.add_argument(
         "--require-kmemleak",
         action="store_true",
         help="fail unless the guest kernel's kmemleak is on and scans after the run",
@@ -601,6 +625,7 @@ def options_from_args(args: argparse.Namespace) -> VmOptions:
         results_dir=args.results.resolve(),
         timeout=args.timeout,
         kernel_append=list(args.kernel_append),
+        rodirs=list(args.rodirs),
         env=list(args.vm_env),
         console=args.console,
         scratch_mb=args.scratch_mb,

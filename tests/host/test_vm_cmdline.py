@@ -67,6 +67,14 @@ def test_cpu_model_is_max_unless_asked(tmp_path: Path) -> None:
     assert q.count("-cpu") == 1 and value_of(q, "-cpu") == "EPYC,+svm"
 
 
+def test_rodirs_are_shared_read_only(tmp_path: Path) -> None:
+    argv = vm.build_command(options(tmp_path))
+    assert not any(a.startswith("--rodir") for a in argv)
+    argv = vm.build_command(options(tmp_path, rodirs=["/var/cache/q", "/g=/h"]))
+    # "--rodir=" form: vng reads GUEST=HOST from one word.
+    assert [a for a in argv if a.startswith("--rodir")] == ["--rodir=/var/cache/q", "--rodir=/g=/h"]
+
+
 def test_kvm_drops_disable_kvm(tmp_path: Path) -> None:
     argv = vm.build_command(options(tmp_path, accel="kvm"))
     assert "--disable-kvm" not in argv
@@ -228,6 +236,7 @@ def test_cli_defaults(kernel_tree: Path, tmp_path: Path, monkeypatch: pytest.Mon
     assert opts.memory_mb == 1024
     assert opts.timeout == 1800
     assert opts.cpu_model == "max"
+    assert opts.rodirs == []
     assert opts.modules == []  # kmod/kvmlu.ko not built
     (checkout / "kmod").mkdir(parents=True)
     (checkout / "kmod" / "kvmlu.ko").write_bytes(b"vermagic=linux SMP\0")
