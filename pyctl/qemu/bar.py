@@ -68,6 +68,20 @@ def msi_cpus(bdf: str, interrupts: Path = PROC_INTERRUPTS, proc_irq: Path = PROC
     return cpus
 
 
+def msi_irq_count(bdf: str, interrupts: Path = PROC_INTERRUPTS) -> int:
+    """How many of *bdf*'s MSIs this kernel's vfio-pci has taken, over all CPUs."""
+    total = 0
+    ncpus = 0
+    for i, line in enumerate(interrupts.read_text().splitlines()):
+        if i == 0:
+            ncpus = len(line.split())
+            continue
+        irq, _, rest = line.partition(":")
+        if "vfio-msi" in rest and bdf in rest and irq.strip().isdigit():
+            total += sum(int(c) for c in rest.split()[:ncpus])
+    return total
+
+
 @contextlib.contextmanager
 def pinned(cpus: set[int]) -> Iterator[None]:
     """Run the calling thread on *cpus* (no change if empty), then restore."""

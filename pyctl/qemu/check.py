@@ -25,7 +25,7 @@ from typing import Any
 
 from pyctl import klog
 from pyctl.qemu import QemuError
-from pyctl.qemu.bar import SysfsBar, msi_cpus, pinned
+from pyctl.qemu.bar import SysfsBar, msi_cpus, msi_irq_count, pinned
 from pyctl.qemu.run import InnerGuest, InnerOptions, irqchip_problem, qemu_version
 
 REG_IRQ_STATUS = 0x24
@@ -55,6 +55,10 @@ class RaiseResult:
     late: int = 0
     #: The CPUs the raiser ran on: those that take the function's MSI.
     cpus: list[int] = field(default_factory=list)
+    #: MSIs of the function the test VM's vfio-pci took meanwhile: more than
+    #: raised means the device or the first level doubled one, as many means
+    #: any extra in the guest came from the delivery into it.
+    host_msis: int = 0
 
     @property
     def lost(self) -> int:
@@ -93,6 +97,7 @@ def _raise_loop(
     guest: InnerGuest, bar: SysfsBar, res: RaiseResult, wait: float, settle: float
 ) -> None:
     n = res.raised
+    host_before = msi_irq_count(bar.bdf)
     before = guest.irqs()
     base = sum(v.count for v in before)
     seen = base
@@ -114,6 +119,7 @@ def _raise_loop(
     res.late = sum(v.count for v in after) - seen
     res.counted = sum(v.count for v in after) - base
     res.nostatus = sum(v.nostatus for v in after) - sum(v.nostatus for v in before)
+    res.host_msis = msi_irq_count(bar.bdf) - host_before
 
 
 def latency_summary(ns: list[int]) -> dict[str, float]:
@@ -195,7 +201,7 @@ class ModeReport:
                 out.append(
                     f"    count rise per raise {dict(sorted(r.rises.items()))}, "
                     f"{r.late} after the last, {r.unacked} raises found status unacked, "
-                    f"raiser on CPUs {r.cpus}"
+                    f"raiser on CPUs {r.cpus}, test VM took {r.host_msis} MSIs"
                 )
         if self.guest_raise_ns:
             s = latency_summary(self.guest_raise_ns)

@@ -202,8 +202,9 @@ def vm_argv(args: argparse.Namespace, initrd: Path) -> list[str]:
     inner += ["--irqchip", ",".join(args.irqchip), "--raises", str(args.raises)]
     inner += ["--guest-raises", str(args.guest_raises), "--memory", str(args.memory)]
     inner += ["--boot-timeout", str(args.boot_timeout), "--module", str(args.module.resolve())]
-    if args.qemu is not None:
-        inner += ["--qemu", str(args.qemu.resolve())]
+    # Chosen here: the guest does not see /var/cache, where make qemu builds.
+    qemu = (args.qemu or qrun.default_qemu()).absolute()
+    inner += ["--qemu", str(qemu)]
     if args.device:
         inner += ["--device", args.device]
     if args.cpu:
@@ -215,6 +216,8 @@ def vm_argv(args: argparse.Namespace, initrd: Path) -> list[str]:
     if args.json:
         inner += ["--json", str(args.json.resolve())]
     argv = ["--edu", "1", "--no-modules"]
+    if vm.hidden_in_guest(qemu):
+        argv += ["--rodir", str(qemu.parent)]
     argv += ["--results", str(args.results), "--timeout", str(args.timeout)]
     if args.kernel:
         argv += ["--kernel", args.kernel]

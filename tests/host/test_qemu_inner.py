@@ -157,6 +157,9 @@ def test_msi_cpus_and_cpu_lists(tmp_path: Path) -> None:
     assert qbar.msi_cpus("0000:00:0a.0", interrupts, tmp_path / "irq") == {1}
     assert qbar.msi_cpus("0000:00:0b.0", interrupts, tmp_path / "irq") == set()
     assert qbar.msi_cpus("0000:00:0c.0", interrupts, tmp_path / "irq") == set()
+    assert qbar.msi_irq_count("0000:00:0a.0", interrupts) == 17
+    assert qbar.msi_irq_count("0000:00:0b.0", interrupts) == 3
+    assert qbar.msi_irq_count("0000:00:0c.0", interrupts) == 0
 
 
 # A stand-in for QEMU: listens where -chardev says, speaks the guest's side.
@@ -267,6 +270,20 @@ def test_kvmlu_qemu_on_the_host_boots_the_test_vm(
     assert value_of(command, "--irqchip") == "off"
     assert value_of(command, "--module") == str(ko)
     assert value_of(command, "--vfio-prop") == "x-no-kvm-msi=on"
+    assert value_of(command, "--qemu") == str(qrun.default_qemu())
+
+
+def test_kvmlu_qemu_shares_a_qemu_the_guest_cannot_see(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KVMLU_IN_VM", raising=False)
+    built = Path("/var/cache/kvmlu/qemu/current/qemu-system-x86_64")
+    args = cli.build_parser().parse_args(["qemu", "--qemu", str(built)])
+    argv = qcli.vm_argv(args, tmp_path / "initramfs.cpio")
+    assert value_of(argv, "--rodir") == "/var/cache/kvmlu/qemu/current"
+    assert value_of(argv, "--qemu") == str(built)
+    args = cli.build_parser().parse_args(["qemu", "--qemu", "/usr/bin/qemu-system-x86_64"])
+    assert "--rodir" not in qcli.vm_argv(args, tmp_path / "initramfs.cpio")
 
 
 def test_kvmlu_qemu_rejects_bad_counts() -> None:
