@@ -45,7 +45,7 @@ QEMU_CACHE ?= /var/cache/kvmlu/qemu
 # The binary of the last build, copied into the checkout for the test VM.
 QEMU_BIN := $(CURDIR)/build/qemu/qemu-system-x86_64
 
-.PHONY: all deps venv modules test test-host test-kernel test-debug lint demo bench fuzz qemu clean help
+.PHONY: all deps venv modules guest-module test test-host test-kernel test-debug lint demo bench fuzz qemu clean help
 
 all: modules
 
@@ -76,6 +76,14 @@ modules: deps
 _modules:
 	@[ -n "$(KVER)" ] || { echo "no kernel with headers found in /boot and /lib/modules" >&2; exit 1; }
 	$(MAKE) -C $(KDIR) M=$(CURDIR) W=1 KCFLAGS=-Werror modules
+	@$(MAKE) --no-print-directory guest-module
+
+# The inner guest's edu MSI counter (kvmlu qemu), built against the kernel
+# that guest boots: the same Debian kernel as the test VM's unless told.
+GUEST_KVER ?= $(KVER)
+guest-module:
+	$(MAKE) -C /lib/modules/$(GUEST_KVER)/build M=$(CURDIR)/guest/edu_count W=1 \
+		KCFLAGS=-Werror modules
 
 lint: venv
 	$(VENV)/bin/ruff check pyctl tests
@@ -169,4 +177,6 @@ bench: deps venv $(STAMPS)/bench
 
 clean:
 	-[ -z "$(KVER)" ] || $(MAKE) -C $(KDIR) M=$(CURDIR) clean
+	-[ -z "$(GUEST_KVER)" ] || $(MAKE) -C /lib/modules/$(GUEST_KVER)/build \
+		M=$(CURDIR)/guest/edu_count clean
 	rm -rf $(STAMPS) build *.egg-info pyctl/_kvmlu_cffi*.so pyctl/_kvmlu_cffi.c

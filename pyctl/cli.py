@@ -16,6 +16,7 @@ from pyctl import swap as swap_mod
 from pyctl.edu import Edu, find_vfio_edu
 from pyctl.errors import KvmluError
 from pyctl.kvmlu import DEVICE_PATH, Device
+from pyctl.qemu import cli as qemu_cli
 from pyctl.status import print_status, status_dict
 from pyctl.vapic import VapicDevice
 
@@ -264,6 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vm.add_arguments(p)
     p.set_defaults(func=vm.main)
+
+    p = sub.add_parser(
+        "qemu",
+        help="a guest under nested KVM counts the MSIs of a passed-through edu (test VM)",
+        description="Boot a Debian kernel with edu_count.ko under QEMU -accel kvm inside "
+        "the test VM, pass one edu function through with vfio-pci, raise N MSIs from "
+        "the test VM through its BAR, and check that the guest counted exactly N, once "
+        "per kernel-irqchip mode; also time MSIs the guest raises itself. On the build "
+        "machine it boots the test VM first.",
+    )
+    qemu_cli.add_arguments(p)
     return parser
 
 

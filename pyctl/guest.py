@@ -9,6 +9,9 @@ runs as root inside the virtme-ng guest that :mod:`pyctl.vm` boots:
    ``/dev/kvmlu`` once ``kvmlu.ko`` is in;
 3. loads vfio-pci and binds every QEMU ``edu`` function (1234:11e8) to it, then
    waits until each one has an IOMMU group and its ``/dev/vfio/<group>`` node;
+   loads ``kvm_amd`` when the CPU has ``svm`` (``kvm_intel`` for ``vmx``), so
+   that ``/dev/kvm`` runs nested guests (a kernel without them is noted, not
+   a failure: tests that need ``/dev/kvm`` skip);
 4. runs COMMAND with the environment passed through plus ``KVMLU_IN_VM=1``,
    ``KVMLU_EDU`` (comma-separated BDFs) and ``KVMLU_RESULTS`` (the writable
    results folder shared with the host);
@@ -23,7 +26,8 @@ runs as root inside the virtme-ng guest that :mod:`pyctl.vm` boots:
 ``status.json`` holds ``command_status`` (COMMAND's exit status, 128+N when
 killed by signal N, null when it was not run), ``klog_findings``,
 ``rmmod_errors``, ``setup_errors``, ``edu`` (one ``{"bdf", "group", "vfio"}``
-per function), ``kmemleak_reports`` (objects kmemleak's final scan reported,
+per function), ``kvm`` (the KVM module loaded and whether ``/dev/kvm``
+appeared), ``kmemleak_reports`` (objects kmemleak's final scan reported,
 null when it did not scan) and ``ok``.
 """
 
@@ -57,6 +61,10 @@ EDU_DEVICE = 0x11E8
 PCI_DEVICES = Path("/sys/bus/pci/devices")
 VFIO_PCI_DRIVER = Path("/sys/bus/pci/drivers/vfio-pci")
 DEV_KVMLU = Path("/dev/kvmlu")
+DEV_KVM = Path("/dev/kvm")
+CPUINFO = Path("/proc/cpuinfo")
+# The KVM module for each CPU flag that offers hardware virtualisation.
+KVM_MODULES = {"svm": "kvm_amd", "vmx": "kvm_intel"}
 DEBUGFS = Path("/sys/kernel/debug")
 KMEMLEAK = DEBUGFS / "kmemleak"
 # kmemleak reports an object only once it is this old (MSECS_MIN_AGE).
@@ -263,6 +271,47 @@ def bind_edu(bdfs: Sequence[str], timeout: float) -> tuple[list[dict[str, Any]],
     return devices, errors
 
 
+def cpu_flags(cpuinfo: Path | None = None) -> set[str]:
+    """The flags of the first CPU in /proc/cpuinfo."""
+    try:
+        text = (cpuinfo or CPUINFO).read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+def kvm_module_for(flags: set[str]) -> str | None:
+    """The KVM module this CPU needs, or None when it offers no SVM or VMX."""
+    for flag, module in KVM_MODULES.items():
+        if flag in flags:
+            return module
+    return None
+
+
+def load_kvm(timeout: float) -> dict[str, Any]:
+    """Load the KVM module the CPU calls for and wait for /dev/kvm.
+
+    Returns ``{"module", "dev", "error"}``; a missing module or CPU feature is
+    reported there, as the suite runs without KVM too.
+    """
+    module = kvm_module_for(cpu_flags())
+    info: dict[str, Any] = {"module": module, "dev": None, "error": None}
+    if not DEV_KVM.exists():
+        if module is None:
+            info["error"] = "the CPU has neither svm nor vmx"
+            return info
+        info["error"] = _run_tool(["modprobe", module])
+        if info["error"] is None and not wait_for(DEV_KVM.exists, timeout):
+            info["error"] = f"{DEV_KVM} did not appear within {timeout:g} s"
+    if DEV_KVM.exists():
+        info["dev"] = str(DEV_KVM)
+    return info
+
+
 class Kmemleak:
     """kmemleak's debugfs file: cleared when the run starts, scanned when it ends."""
 
@@ -337,6 +386,7 @@ class Outcome:
     rmmod_errors: list[str] = field(default_factory=list)
     klog_findings: list[str] = field(default_factory=list)
     edu: list[dict[str, Any]] = field(default_factory=list)
+    kvm: dict[str, Any] = field(default_factory=dict)
     kmsg_lost: int = 0
     kmemleak_reports: int | None = None
 
@@ -369,6 +419,7 @@ class Outcome:
             "kmsg_lost": self.kmsg_lost,
             "kmemleak_reports": self.kmemleak_reports,
             "edu": self.edu,
+            "kvm": self.kvm,
         }
 
 
@@ -422,6 +473,11 @@ def _setup(args: argparse.Namespace, out: Outcome, loaded: list[str]) -> None:
     out.setup_errors += errors
     for dev in out.edu:
         say(f"edu {dev['bdf']} vfio-pci, iommu group {dev['group']}, {dev['vfio']}")
+    out.kvm = load_kvm(args.wait)
+    if out.kvm["dev"] is not None:
+        say(f"{out.kvm['dev']} ready ({out.kvm['module'] or 'built in'})")
+    else:
+        say(f"no /dev/kvm: {out.kvm['error']}")
 
 
 def _start_kmemleak(required: bool, out: Outcome) -> Kmemleak:

@@ -3,10 +3,14 @@
 Kernel code never runs on the build machine.  ``kvmlu vm -- COMMAND`` boots an
 installed Debian kernel under QEMU with virtme-ng (TCG by default), on a q35
 machine with an emulated Intel IOMMU (interrupt remapping on) and N QEMU
-``edu`` PCI functions, and runs :mod:`pyctl.guest` in it.  The guest loads the
-modules, binds the edu functions to vfio-pci, runs COMMAND, unloads the modules
-and scans the kernel log; it writes ``status.json`` into a results folder that
-the host shares read-write with the guest.
+``edu`` PCI functions, and runs :mod:`pyctl.guest` in it.  The CPU model is
+``max`` unless ``--cpu`` says otherwise: under TCG it is AMD-vendor with SVM,
+so the guest runner loads ``kvm_amd`` and the test VM is a nested-KVM host.
+The guest kernel gets ``iomem=relaxed``, so that a BAR vfio-pci has claimed
+can still be mapped through sysfs (see :data:`RELAXED_IOMEM`).  The guest
+loads the modules, binds the edu functions to vfio-pci, runs COMMAND, unloads
+the modules and scans the kernel log; it writes ``status.json`` into a results
+folder that the host shares read-write with the guest.
 
 The exit status is COMMAND's when it failed; otherwise 1 when a check failed
 (kernel-log finding, module that would not unload, setup error), 124 when the VM
@@ -57,6 +61,9 @@ DEFAULT_TIMEOUT = 1800.0
 DEFAULT_MEMORY_MB = 1024
 DEFAULT_CPUS = 2
 DEFAULT_EDU = 2
+# TCG's "max" CPU is AMD-vendor with SVM, so the test VM can be a nested-KVM
+# host (kvm_amd refuses any other vendor); vng picks the same under TCG.
+DEFAULT_CPU_MODEL = "max"
 # Kernel messages of level WARNING and worse reach the console (console.log).
 CONSOLE_LOGLEVEL = 5
 
@@ -167,10 +174,13 @@ class VmOptions:
     edu: int = DEFAULT_EDU
     memory_mb: int = DEFAULT_MEMORY_MB
     cpus: int = DEFAULT_CPUS
+    cpu_model: str = DEFAULT_CPU_MODEL
     modules: list[Path] = field(default_factory=list)
     results_dir: Path = DEFAULT_RESULTS
     timeout: float = DEFAULT_TIMEOUT
     kernel_append: list[str] = field(default_factory=list)
+    #: Host folders the guest sees read-only (vng --rodir: PATH or GUEST=HOST).
+    rodirs: list[str] = field(default_factory=list)
     env: list[str] = field(default_factory=list)
     console: bool = False
     scratch_mb: int = 0
@@ -204,16 +214,30 @@ def guest_command(opts: VmOptions) -> str:
     return f"PYTHONPATH={shlex.quote(str(opts.checkout))} exec {shlex.join(argv)} 2>&1"
 
 
+# virtme-ng (1.42) mounts a tmpfs on these in the guest: what the host keeps
+# there (make qemu's build, under /var/cache) needs --rodir to be seen.
+GUEST_HIDDEN = tuple(
+    Path(p) for p in ("/var/cache", "/var/log", "/var/tmp", "/var/lib/apt", "/var/lib/private")
+)
+
+
+def hidden_in_guest(path: Path) -> bool:
+    """True if the guest cannot see *path* without a --rodir."""
+    return any(path == h or h in path.parents for h in GUEST_HIDDEN)
+
+
 SCRATCH_SERIAL = "kvmlu-scratch"
 
 
 def qemu_options(opts: VmOptions) -> list[str]:
-    """Extra QEMU options: the emulated IOMMU, the edu functions, the scratch disk.
+    """Extra QEMU options: CPU model, emulated IOMMU, edu functions, scratch disk.
 
-    The scratch disk is a virtio-blk disk whose serial is ``kvmlu-scratch``
-    (the guest finds it by /sys/block/*/serial), for workloads that write.
+    The CPU model comes after vng's own ``-cpu`` and so replaces it.  The
+    scratch disk is a virtio-blk disk whose serial is ``kvmlu-scratch`` (the
+    guest finds it by /sys/block/*/serial), for workloads that write.
     """
-    out = ["-device", "intel-iommu,intremap=on"] + ["-device", "edu"] * opts.edu
+    out = ["-cpu", opts.cpu_model, "-device", "intel-iommu,intremap=on"]
+    out += ["-device", "edu"] * opts.edu
     if opts.scratch_mb:
         out += [
             "-drive",
@@ -224,9 +248,21 @@ def qemu_options(opts: VmOptions) -> list[str]:
     return out
 
 
+# Debian's kernel has CONFIG_IO_STRICT_DEVMEM: a BAR that vfio-pci has claimed
+# cannot be mapped through sysfs resourceN (EINVAL). The nested-guest tests
+# raise MSIs through that mapping while QEMU owns the function
+# (pyctl.qemu.bar); iomem=relaxed lifts the restriction and nothing else.
+RELAXED_IOMEM = "iomem=relaxed"
+
+
 def kernel_params(opts: VmOptions) -> list[str]:
     """Extra guest kernel command line parameters."""
-    return ["intel_iommu=on", f"loglevel={CONSOLE_LOGLEVEL}", *opts.kernel_append]
+    return [
+        "intel_iommu=on",
+        RELAXED_IOMEM,
+        f"loglevel={CONSOLE_LOGLEVEL}",
+        *opts.kernel_append,
+    ]
 
 
 def build_command(opts: VmOptions) -> list[str]:
@@ -239,6 +275,7 @@ def build_command(opts: VmOptions) -> list[str]:
     argv += ["--append", shlex.join(kernel_params(opts))]
     argv.append("--qemu-opts=" + " ".join(qemu_options(opts)))
     argv += ["--rwdir", str(opts.results_dir)]
+    argv += [f"--rodir={d}" for d in opts.rodirs]
     argv += ["--exec", guest_command(opts)]
     return argv
 
@@ -414,7 +451,7 @@ def run(opts: VmOptions) -> int:
     return rc
 
 
-def _module_vermagic(path: Path) -> str | None:
+def module_vermagic(path: Path) -> str | None:
     """The vermagic string of a module file, or None if it has none."""
     match = re.search(rb"vermagic=([^\0]*)\0", path.read_bytes())
     return match.group(1).decode(errors="replace") if match else None
@@ -425,7 +462,7 @@ def check_modules(modules: Sequence[Path], kernel: KernelInfo) -> None:
     for module in modules:
         if not module.is_file():
             raise VmError(f"module {module} not found (build it with make -C kmod)")
-        built_for = (_module_vermagic(module) or "").split()[:1]
+        built_for = (module_vermagic(module) or "").split()[:1]
         if built_for and built_for[0] != kernel.version:
             raise VmError(f"{module} was built for {built_for[0]}, the VM boots {kernel.version}")
 
@@ -465,6 +502,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="guest vCPUs (default: %(default)s)",
     )
     parser.add_argument(
+        "--cpu",
+        dest="cpu_model",
+        default=DEFAULT_CPU_MODEL,
+        metavar="MODEL",
+        help="QEMU CPU model; max is AMD-vendor with SVM under TCG, so /dev/kvm "
+        "works inside (default: %(default)s)",
+    )
+    parser.add_argument(
         "--module",
         dest="modules",
         type=Path,
@@ -494,6 +539,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="PARAM",
         help="extra guest kernel parameter (repeatable)",
+    )
+    parser.add_argument(
+        "--rodir",
+        dest="rodirs",
+        action="append",
+        default=[],
+        metavar="PATH|GUEST=HOST",
+        help="share a host folder read-only, e.g. one the guest hides under a tmpfs "
+        "such as /var/cache (repeatable)",
     )
     parser.add_argument(
         "--require-kmemleak",
@@ -546,6 +600,8 @@ def options_from_args(args: argparse.Namespace) -> VmOptions:
     else:
         modules = [CHECKOUT / m for m in DEFAULT_MODULES if (CHECKOUT / m).is_file()]
     check_modules(modules, kernel)
+    if not args.cpu_model or any(c.isspace() for c in args.cpu_model):
+        raise VmError(f"--cpu {args.cpu_model!r}: a QEMU CPU model has no spaces")
     for item in args.vm_env:
         if "=" not in item:
             raise VmError(f"--env {item!r}: expected KEY=VALUE")
@@ -564,10 +620,12 @@ def options_from_args(args: argparse.Namespace) -> VmOptions:
         edu=args.edu,
         memory_mb=args.memory,
         cpus=args.cpus,
+        cpu_model=args.cpu_model,
         modules=modules,
         results_dir=args.results.resolve(),
         timeout=args.timeout,
         kernel_append=list(args.kernel_append),
+        rodirs=list(args.rodirs),
         env=list(args.vm_env),
         console=args.console,
         scratch_mb=args.scratch_mb,

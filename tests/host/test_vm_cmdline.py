@@ -50,12 +50,29 @@ def test_default_command_is_tcg_q35_with_iommu_and_two_edu(tmp_path: Path) -> No
     assert value_of(argv, "--cpus") == "2"
     assert value_of(argv, "--memory") == "1024M"
     assert "intel_iommu=on" in shlex.split(value_of(argv, "--append"))
+    # A BAR that vfio-pci claimed stays mappable through sysfs (nested-guest tests).
+    assert "iomem=relaxed" in shlex.split(value_of(argv, "--append"))
     opts_list = qemu_opts(argv)
     assert "intel-iommu,intremap=on" in opts_list
     assert opts_list.count("edu") == 2
     assert value_of(argv, "--rwdir") == str(tmp_path / "results")
     # "--qemu-opts VALUE" would make vng read VALUE as options of its own.
     assert "--qemu-opts" not in argv
+
+
+def test_cpu_model_is_max_unless_asked(tmp_path: Path) -> None:
+    q = qemu_opts(vm.build_command(options(tmp_path)))
+    assert q[:2] == ["-cpu", "max"], "AMD-vendor with SVM under TCG: kvm_amd loads inside"
+    q = qemu_opts(vm.build_command(options(tmp_path, cpu_model="EPYC,+svm")))
+    assert q.count("-cpu") == 1 and value_of(q, "-cpu") == "EPYC,+svm"
+
+
+def test_rodirs_are_shared_read_only(tmp_path: Path) -> None:
+    argv = vm.build_command(options(tmp_path))
+    assert not any(a.startswith("--rodir") for a in argv)
+    argv = vm.build_command(options(tmp_path, rodirs=["/var/cache/q", "/g=/h"]))
+    # "--rodir=" form: vng reads GUEST=HOST from one word.
+    assert [a for a in argv if a.startswith("--rodir")] == ["--rodir=/var/cache/q", "--rodir=/g=/h"]
 
 
 def test_kvm_drops_disable_kvm(tmp_path: Path) -> None:
@@ -218,6 +235,8 @@ def test_cli_defaults(kernel_tree: Path, tmp_path: Path, monkeypatch: pytest.Mon
     assert opts.edu == 2
     assert opts.memory_mb == 1024
     assert opts.timeout == 1800
+    assert opts.cpu_model == "max"
+    assert opts.rodirs == []
     assert opts.modules == []  # kmod/kvmlu.ko not built
     (checkout / "kmod").mkdir(parents=True)
     (checkout / "kmod" / "kvmlu.ko").write_bytes(b"vermagic=linux SMP\0")
@@ -235,6 +254,18 @@ def test_cli_modules_in_order(kernel_tree: Path, tmp_path: Path) -> None:
     opts = vm.options_from_args(args)
     assert opts.modules == [a, b]
     assert "--disable-kvm" not in vm.build_command(opts)
+
+
+def test_cli_cpu_option(kernel_tree: Path, capsys) -> None:
+    args = parse(["vm", "--kernel", str(kernel_tree), "--no-modules", "--cpu", "qemu64",
+                  "--dry-run", "--", "true"])  # fmt: skip
+    assert vm.main(args) == 0
+    argv = shlex.split(capsys.readouterr().out.strip())
+    assert value_of(qemu_opts(argv), "-cpu") == "qemu64"
+    args = parse(["vm", "--kernel", str(kernel_tree), "--no-modules", "--cpu", "max, x",
+                  "--", "true"])  # fmt: skip
+    with pytest.raises(vm.VmError, match="no spaces"):
+        vm.options_from_args(args)
 
 
 def test_cli_rejects_a_missing_module(kernel_tree: Path, tmp_path: Path, capsys) -> None:
@@ -283,6 +314,42 @@ def test_guest_outcome_json_and_exit_status() -> None:
     out.command_status = 137
     assert out.exit_status() == 137
     assert guest.Outcome(command=["x"], modules=[]).exit_status() == 1  # never ran
+
+
+CPUINFO = """\
+processor\t: 0
+vendor_id\t: AuthenticAMD
+flags\t\t: fpu vme de pse tsc msr pae svm npt lbrv nrip_save vgif
+bugs\t\t: sysret_ss_attrs
+
+processor\t: 1
+flags\t\t: fpu
+"""
+
+
+def test_guest_picks_the_kvm_module_from_cpu_flags(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text(CPUINFO)
+    flags = guest.cpu_flags(info)
+    assert {"svm", "npt", "vgif"} <= flags and "fpu" in flags
+    assert guest.kvm_module_for(flags) == "kvm_amd"
+    assert guest.kvm_module_for({"vmx", "ept"}) == "kvm_intel"
+    assert guest.kvm_module_for({"fpu"}) is None
+    assert guest.cpu_flags(tmp_path / "absent") == set()
+
+
+def test_guest_without_svm_or_vmx_reports_no_kvm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse\n")
+    monkeypatch.setattr(guest, "CPUINFO", info)
+    monkeypatch.setattr(guest, "DEV_KVM", tmp_path / "kvm")
+    assert guest.load_kvm(0.1) == {
+        "module": None,
+        "dev": None,
+        "error": "the CPU has neither svm nor vmx",
+    }
 
 
 def test_guest_module_name() -> None:

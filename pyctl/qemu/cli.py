@@ -1,0 +1,248 @@
+"""``kvmlu qemu``: the inner guest under nested KVM, counting a passed-through edu's MSIs.
+
+On the build machine it builds the initramfs into ``build/inner-guest/`` and
+boots the test VM (``kvmlu vm --edu 1``; its kernel has ``iomem=relaxed``,
+see :mod:`pyctl.qemu.bar` for why) with itself as the command. Inside the test VM
+(``KVMLU_IN_VM=1``) it runs :func:`pyctl.qemu.check.run_mode` once per
+``--irqchip`` mode, prints what each found, writes JSON and the inner guest's
+logs into the results folder, and exits 1 unless every mode counted exactly
+the MSIs raised and the guest's kernel log is clean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from pyctl import vm
+from pyctl.qemu import QemuError
+from pyctl.qemu import check as qcheck
+from pyctl.qemu import guest as qguest
+from pyctl.qemu import run as qrun
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+HOST_INITRD = CHECKOUT / "build" / "inner-guest" / "initramfs.cpio"
+DEFAULT_RESULTS = CHECKOUT / "results" / "qemu"
+DEFAULT_RAISES = 100
+DEFAULT_GUEST_RAISES = 50
+# The test VM boots the inner guest once per mode; each boot takes about a minute.
+DEFAULT_VM_TIMEOUT = 1800.0
+
+
+def _irqchips(text: str) -> list[qrun.Irqchip]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in qrun.IRQCHIPS]
+    if bad or not modes:
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of on, off, split")
+    return modes  # type: ignore[return-value]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``kvmlu qemu``."""
+    p.add_argument(
+        "--qemu",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help=f"QEMU for the inner guest (default: {qrun.BUILT_QEMU} if it exists, "
+        f"else {qrun.SYSTEM_QEMU})",
+    )
+    p.add_argument(
+        "--irqchip",
+        type=_irqchips,
+        default=["on", "off"],
+        metavar="on,off",
+        help="kernel-irqchip modes to run, one guest boot each (default: on,off)",
+    )
+    p.add_argument(
+        "--raises",
+        type=int,
+        default=DEFAULT_RAISES,
+        metavar="N",
+        help="MSIs raised from the test VM through the BAR (default: %(default)s)",
+    )
+    p.add_argument(
+        "--guest-raises",
+        type=int,
+        default=DEFAULT_GUEST_RAISES,
+        metavar="M",
+        help="MSIs raised by the guest itself, timed (default: %(default)s, at most 256)",
+    )
+    p.add_argument("--device", metavar="BDF", help="edu function in the test VM (default: last)")
+    p.add_argument(
+        "--initrd", type=Path, metavar="PATH", help="inner initramfs (default: build one)"
+    )
+    p.add_argument(
+        "--module",
+        type=Path,
+        default=qguest.EDU_COUNT_KO,
+        metavar="PATH.ko",
+        help="edu_count.ko; the inner guest boots /boot/vmlinuz-<its release>",
+    )
+    p.add_argument(
+        "--cpu",
+        metavar="MODEL",
+        help="inner -cpu (default: host; host,kvm=off with kernel-irqchip=off)",
+    )
+    p.add_argument(
+        "--append",
+        action="append",
+        default=[],
+        metavar="PARAM",
+        help="extra inner guest kernel parameter (repeatable)",
+    )
+    p.add_argument(
+        "--vfio-prop",
+        dest="vfio_props",
+        action="append",
+        default=[],
+        metavar="PROP=VALUE",
+        help="extra -device vfio-pci property (repeatable); x-no-kvm-msi=on makes QEMU "
+        "read the MSI eventfd and inject it itself instead of KVM's irqfd",
+    )
+    p.add_argument(
+        "--memory",
+        type=int,
+        default=qrun.DEFAULT_MEMORY_MB,
+        metavar="MB",
+        help="inner guest memory (default: %(default)s)",
+    )
+    p.add_argument(
+        "--boot-timeout",
+        type=float,
+        default=qrun.DEFAULT_BOOT_TIMEOUT,
+        metavar="SECONDS",
+        help="give up on an inner guest that is not READY by then (default: %(default)s)",
+    )
+    p.add_argument("--json", type=Path, metavar="PATH", help="write the reports here")
+    vm_group = p.add_argument_group("the test VM (when run on the build machine)")
+    vm_group.add_argument("--kernel", metavar="VERSION", help="test VM kernel (default: newest)")
+    vm_group.add_argument(
+        "--results",
+        type=Path,
+        default=DEFAULT_RESULTS,
+        metavar="DIR",
+        help="results folder (default: %(default)s)",
+    )
+    vm_group.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_VM_TIMEOUT,
+        metavar="SECONDS",
+        help="kill the test VM after this long (default: %(default)s)",
+    )
+    vm_group.add_argument("--dry-run", action="store_true", help="print the vng command and exit")
+    p.set_defaults(func=main)
+
+
+def _note(msg: str) -> None:
+    print(f"kvmlu qemu: {msg}", file=sys.stderr, flush=True)
+
+
+def _pick_bdf(requested: str | None) -> str:
+    bdfs = [b for b in os.environ.get("KVMLU_EDU", "").split(",") if b]
+    if requested:
+        return requested
+    if not bdfs:
+        raise QemuError("no edu function on vfio-pci (KVMLU_EDU is empty)")
+    return bdfs[-1]
+
+
+def in_vm(args: argparse.Namespace) -> int:
+    """Inside the test VM: one inner guest boot per mode."""
+    results = Path(os.environ.get("KVMLU_RESULTS") or args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    qemu = args.qemu or qrun.default_qemu()
+    bdf = _pick_bdf(args.device)
+    qrun.check_host(qemu, bdf)
+    release = qguest.module_release(args.module)
+    kernel = qrun.find_kernel_image(release)
+    work = qcheck.workdir()
+    try:
+        initrd = args.initrd or qguest.build_initramfs(work / "initramfs.cpio", args.module)
+        reports = []
+        for mode in args.irqchip:
+            opts = qrun.InnerOptions(
+                bdf=bdf,
+                kernel=kernel,
+                initrd=initrd,
+                workdir=work / mode,
+                irqchip=mode,
+                qemu=qemu,
+                cpu=args.cpu,
+                memory_mb=args.memory,
+                append=args.append,
+                vfio_props=args.vfio_props,
+            )
+            _note(f"kernel-irqchip={mode}: booting {kernel.name} under {qemu}")
+            rep = qcheck.run_mode(
+                opts,
+                args.raises,
+                args.guest_raises,
+                boot_timeout=args.boot_timeout,
+                keep_logs=results,
+            )
+            print(rep.text(), flush=True)
+            reports.append(rep)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = args.json or results / "qemu.json"
+    out.write_text(json.dumps([r.to_json() for r in reports], indent=2) + "\n")
+    ran = [r for r in reports if r.skipped is None]
+    return 0 if ran and all(r.ok for r in ran) else 1
+
+
+def vm_argv(args: argparse.Namespace, initrd: Path) -> list[str]:
+    """``kvmlu vm`` arguments that run this command inside the test VM."""
+    inner = [sys.executable, "-m", "pyctl.cli", "qemu", "--initrd", str(initrd)]
+    inner += ["--irqchip", ",".join(args.irqchip), "--raises", str(args.raises)]
+    inner += ["--guest-raises", str(args.guest_raises), "--memory", str(args.memory)]
+    inner += ["--boot-timeout", str(args.boot_timeout), "--module", str(args.module.resolve())]
+    # Chosen here: the guest does not see /var/cache, where make qemu builds.
+    qemu = (args.qemu or qrun.default_qemu()).absolute()
+    inner += ["--qemu", str(qemu)]
+    if args.device:
+        inner += ["--device", args.device]
+    if args.cpu:
+        inner += ["--cpu", args.cpu]
+    for param in args.append:
+        inner += ["--append", param]
+    for prop in args.vfio_props:
+        inner += ["--vfio-prop", prop]
+    if args.json:
+        inner += ["--json", str(args.json.resolve())]
+    argv = ["--edu", "1", "--no-modules"]
+    if vm.hidden_in_guest(qemu):
+        argv += ["--rodir", str(qemu.parent)]
+    argv += ["--results", str(args.results), "--timeout", str(args.timeout)]
+    if args.kernel:
+        argv += ["--kernel", args.kernel]
+    if args.dry_run:
+        argv.append("--dry-run")
+    return [*argv, "--", *inner]
+
+
+def on_host(args: argparse.Namespace) -> int:
+    """On the build machine: build the initramfs, boot the test VM, run inside."""
+    initrd = qguest.build_initramfs(HOST_INITRD, args.module)
+    parser = argparse.ArgumentParser(prog="kvmlu vm")
+    vm.add_arguments(parser)
+    return vm.main(parser.parse_args(vm_argv(args, initrd)))
+
+
+def main(args: argparse.Namespace) -> int:
+    """``kvmlu qemu``."""
+    if args.raises < 0 or not 0 <= args.guest_raises <= 256:
+        _note("--raises must be >= 0 and --guest-raises within 0..256")
+        return 2
+    try:
+        if os.environ.get("KVMLU_IN_VM") == "1":
+            return in_vm(args)
+        return on_host(args)
+    except (QemuError, FileNotFoundError, ValueError) as e:
+        _note(f"error: {e}")
+        return 2
