@@ -92,6 +92,7 @@ lint: venv
 
 test: deps venv
 	@$(MAKE) --no-print-directory _modules
+	@$(MAKE) --no-print-directory qemu
 	@$(MAKE) --no-print-directory test-host
 	@$(MAKE) --no-print-directory test-kernel
 
@@ -103,6 +104,7 @@ test-host: venv
 # The whole kernel suite in one boot of the test VM.
 test-kernel: venv
 	@$(MAKE) --no-print-directory _modules
+	@$(MAKE) --no-print-directory qemu
 	$(KVMLU) vm --kernel $(KVER) --edu 3 $(VM_ARGS) -- \
 		$(CURDIR)/$(PY) -m pytest -p no:cacheprovider tests/kernel $(PYTEST_ARGS)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pyctl import klog
+from pyctl.kvmlu import ApiInfo, Device
 from pyctl.qemu import QemuError
 from pyctl.qemu.bar import SysfsBar, msi_cpus, msi_irq_count, pinned
 from pyctl.qemu.run import InnerGuest, InnerOptions, irqchip_problem, qemu_version
@@ -133,9 +134,10 @@ def latency_summary(ns: list[int]) -> dict[str, float]:
 
 @dataclass
 class ModeReport:
-    """One boot of the inner guest in one kernel-irqchip mode."""
+    """One boot of the inner guest on one interrupt path."""
 
-    irqchip: str
+    #: The path (:data:`pyctl.qemu.run.MODES`): a kernel-irqchip mode, or kvmlu.
+    mode: str
     qemu: str
     bdf: str
     qemu_version: str = ""
@@ -153,6 +155,23 @@ class ModeReport:
     total_seconds: float = 0.0
     qemu_status: int | None = None
     error: str | None = None
+    #: kvmlu path: what the kvmlu module counted (QUERY, whole test VM) over
+    #: the host raises: bindings alive, eventfd signals posted, PIR rises.
+    kvmlu: dict[str, int] | None = None
+
+    @property
+    def kvmlu_ok(self) -> bool:
+        """Not the kvmlu path, or kvmlu posted every MSI the guest counted."""
+        if self.mode != "kvmlu":
+            return True
+        r, k = self.host_raises, self.kvmlu
+        return (
+            r is not None
+            and k is not None
+            and k["bindings"] >= 1
+            and k["signals"] == r.counted
+            and k["posted"] + k["coalesced"] == k["signals"]
+        )
 
     @property
     def ok(self) -> bool:
@@ -162,6 +181,7 @@ class ModeReport:
             and self.error is None
             and self.host_raises is not None
             and self.host_raises.ok
+            and self.kvmlu_ok
             and not self.klog_findings
         )
 
@@ -177,7 +197,9 @@ class ModeReport:
 
     def text(self) -> str:
         """A few lines for a person."""
-        head = f"kernel-irqchip={self.irqchip}"
+        head = (
+            "kvmlu (kernel-irqchip=off)" if self.mode == "kvmlu" else f"kernel-irqchip={self.mode}"
+        )
         if self.vfio_props:
             head += f" vfio-pci,{','.join(self.vfio_props)}"
         head += f" (QEMU {self.qemu_version} {self.qemu}"
@@ -203,6 +225,13 @@ class ModeReport:
                     f"{r.late} after the last, {r.unacked} raises found status unacked, "
                     f"raiser on CPUs {r.cpus}, test VM took {r.host_msis} MSIs"
                 )
+        if self.kvmlu is not None:
+            k = self.kvmlu
+            out.append(
+                f"  kvmlu: {k['bindings']} binding(s); over the host raises it posted "
+                f"{k['signals']} eventfd signals ({k['posted']} PIR rises, "
+                f"{k['coalesced']} coalesced), {k['notified']} notifications"
+            )
         if self.guest_raise_ns:
             s = latency_summary(self.guest_raise_ns)
             out.append(
@@ -229,12 +258,12 @@ def run_mode(
     """Boot the guest in ``opts.irqchip`` mode and do the steps of the module docstring."""
     version = qemu_version(opts.qemu)
     rep = ModeReport(
-        irqchip=opts.irqchip,
+        mode=opts.mode,
         qemu=str(opts.qemu),
         bdf=opts.bdf,
         qemu_version=".".join(map(str, version)),
         vfio_props=list(opts.vfio_props),
-        skipped=irqchip_problem(opts.irqchip, version),
+        skipped=None if opts.userspace_lapic else irqchip_problem(opts.irqchip, version),
     )
     if rep.skipped is not None:
         return rep
@@ -246,15 +275,18 @@ def run_mode(
         rep.guest_bdf = guest.guest_bdf
         if not guest.guest_bdf:
             raise QemuError("edu_count bound no device in the guest")
+        before = _kvmlu_query() if opts.kvmlu else None
         with SysfsBar(opts.bdf) as bar:
             rep.host_raises = raise_and_count(guest, bar, raises)
+        if before is not None:
+            rep.kvmlu = _kvmlu_delta(before, _kvmlu_query())
         if guest_raises:
             rep.guest_raise_ns = guest.raise_in_guest(guest_raises)
         lines = guest.dmesg()
         rep.klog_lines = len(lines)
         rep.klog_findings = klog.scan(lines)
         if keep_logs is not None:
-            (keep_logs / f"inner-{opts.irqchip}-dmesg.log").write_text(
+            (keep_logs / f"inner-{opts.mode}-dmesg.log").write_text(
                 "".join(f"{line}\n" for line in lines), encoding="utf-8"
             )
         rep.qemu_status = guest.poweroff()
@@ -266,13 +298,30 @@ def run_mode(
         if keep_logs is not None:
             for log in (opts.console_log, opts.qemu_log):
                 if log.is_file():
-                    dest = keep_logs / f"inner-{opts.irqchip}-{log.name}"
+                    dest = keep_logs / f"inner-{opts.mode}-{log.name}"
                     dest.write_bytes(log.read_bytes())
     # The console has what a crash or panic printed, even when dmesg was not read.
     if opts.console_log.is_file():
         console = opts.console_log.read_text(encoding="utf-8", errors="replace").splitlines()
         rep.klog_findings += [f for f in klog.scan(console) if f not in rep.klog_findings]
     return rep
+
+
+def _kvmlu_query() -> ApiInfo:
+    with Device() as dev:
+        return dev.query()
+
+
+def _kvmlu_delta(before: ApiInfo, after: ApiInfo) -> dict[str, int]:
+    """What kvmlu did between two QUERYs (the test VM runs one kvmlu client)."""
+    b, a = before.stats, after.stats
+    return {
+        "bindings": after.nr_bindings,
+        "signals": a.signals - b.signals,
+        "posted": a.posted - b.posted,
+        "coalesced": a.coalesced - b.coalesced,
+        "notified": a.notified - b.notified,
+    }
 
 
 def workdir(base: Path | None = None) -> Path:

@@ -33,11 +33,13 @@ DEFAULT_GUEST_RAISES = 50
 DEFAULT_VM_TIMEOUT = 1800.0
 
 
-def _irqchips(text: str) -> list[qrun.Irqchip]:
+def _irqchips(text: str) -> list[qrun.Mode]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in modes if m not in qrun.IRQCHIPS]
+    bad = [m for m in modes if m not in qrun.MODES]
     if bad or not modes:
-        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of on, off, split")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a comma-separated list of {', '.join(qrun.MODES)}"
+        )
     return modes  # type: ignore[return-value]
 
 
@@ -56,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=_irqchips,
         default=["on", "off"],
         metavar="on,off",
-        help="kernel-irqchip modes to run, one guest boot each (default: on,off)",
+        help="interrupt paths to run, one guest boot each: kernel-irqchip modes, or kvmlu "
+        "(irqchip off, MSIs posted by kvmlu; needs make qemu's build) (default: on,off)",
     )
     p.add_argument(
         "--raises",
@@ -166,19 +169,22 @@ def in_vm(args: argparse.Namespace) -> int:
         initrd = args.initrd or qguest.build_initramfs(work / "initramfs.cpio", args.module)
         reports = []
         for mode in args.irqchip:
+            irqchip, kvmlu, userspace_lapic, _ = qrun.mode_settings(mode, qemu)
             opts = qrun.InnerOptions(
                 bdf=bdf,
                 kernel=kernel,
                 initrd=initrd,
                 workdir=work / mode,
-                irqchip=mode,
+                irqchip=irqchip,
+                kvmlu=kvmlu,
+                userspace_lapic=userspace_lapic,
                 qemu=qemu,
                 cpu=args.cpu,
                 memory_mb=args.memory,
                 append=args.append,
                 vfio_props=args.vfio_props,
             )
-            _note(f"kernel-irqchip={mode}: booting {kernel.name} under {qemu}")
+            _note(f"{mode}: booting {kernel.name} under {qemu}")
             rep = qcheck.run_mode(
                 opts,
                 args.raises,

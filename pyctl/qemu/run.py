@@ -34,13 +34,20 @@ from pyctl.closing import Closing
 from pyctl.qemu import GuestBootError, GuestCommandError, QemuError
 
 #: ``make qemu`` builds QEMU 10.2.2 here; it has no firmware blobs of its own.
-BUILT_QEMU = Path("/var/cache/kvmlu/qemu/current/qemu-system-x86_64")
+#: ``make qemu`` copies its build here, into the checkout, which the test VM sees.
+BUILT_QEMU = Path(__file__).resolve().parents[2] / "build" / "qemu" / "qemu-system-x86_64"
 BUILT_QEMU_FIRMWARE = (Path("/usr/share/seabios"), Path("/usr/share/qemu"))
 #: Debian's QEMU (7.2 on Debian 12), the fallback.
 SYSTEM_QEMU = Path("/usr/bin/qemu-system-x86_64")
 
 Irqchip = Literal["on", "off", "split"]
 IRQCHIPS: tuple[Irqchip, ...] = ("on", "off", "split")
+#: The interrupt paths a guest boot can take: a kernel-irqchip mode, or
+#: ``kvmlu``: kernel-irqchip=off with the MSIs posted by kvmlu (a QEMU from
+#: ``make qemu``, whose patches add the kvmlu object and bring back the
+#: userspace local APIC under KVM as ``-accel kvm,x-userspace-lapic=on``).
+Mode = Literal["on", "off", "split", "kvmlu"]
+MODES: tuple[Mode, ...] = ("on", "off", "split", "kvmlu")
 
 DEFAULT_MEMORY_MB = 256
 DEFAULT_BOOT_TIMEOUT = 600.0
@@ -60,6 +67,10 @@ GUEST_PARAMS = (
 #: QEMU 8.0 removed the userspace local APIC under KVM: kernel-irqchip=off is
 #: then refused ("KVM does not support userspace APIC").
 USERSPACE_APIC_REMOVED = (8, 0)
+
+
+#: The kvmlu object's id on the inner QEMU's command line.
+KVMLU_ID = "pi0"
 
 
 def default_qemu() -> Path:
@@ -92,6 +103,16 @@ class InnerOptions:
     append: list[str] = field(default_factory=list)
     #: Extra ``-device vfio-pci`` properties, e.g. ``x-no-kvm-msi=on``.
     vfio_props: list[str] = field(default_factory=list)
+    #: Post the function's MSIs through a kvmlu object (with irqchip off).
+    kvmlu: bool = False
+    #: ``-accel kvm,x-userspace-lapic=on``: a patched QEMU newer than 8.0
+    #: with irqchip off (see :func:`mode_settings`).
+    userspace_lapic: bool = False
+
+    @property
+    def mode(self) -> str:
+        """The path's name: the irqchip mode, or ``kvmlu``."""
+        return "kvmlu" if self.kvmlu else self.irqchip
 
     @property
     def socket_path(self) -> Path:
@@ -151,13 +172,41 @@ def irqchip_problem(irqchip: Irqchip, version: tuple[int, ...]) -> str | None:
     return None
 
 
+def qemu_has_kvmlu(qemu: Path) -> bool:
+    """Whether *qemu* has the kvmlu object (and so x-userspace-lapic): a ``make qemu`` build."""
+    try:
+        out = subprocess.run(
+            [str(qemu), "-object", "kvmlu,help"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "kvmlu options" in out
+
+
+def mode_settings(mode: Mode, qemu: Path) -> tuple[Irqchip, bool, bool, str | None]:
+    """(irqchip, kvmlu, userspace_lapic, why this QEMU cannot do *mode* or None)."""
+    irqchip: Irqchip = "off" if mode == "kvmlu" else mode
+    kvmlu_build = qemu_has_kvmlu(qemu)
+    if mode == "kvmlu" and not kvmlu_build:
+        return irqchip, True, False, f"{qemu} has no kvmlu object: build it with make qemu"
+    version = qemu_version(qemu)
+    userspace_lapic = irqchip == "off" and kvmlu_build and version[:2] >= USERSPACE_APIC_REMOVED
+    problem = None if userspace_lapic else irqchip_problem(irqchip, version)
+    return irqchip, mode == "kvmlu", userspace_lapic, problem
+
+
 def qemu_argv(opts: InnerOptions) -> list[str]:
     """The inner QEMU's argv (see the module docstring)."""
     firmware = default_firmware(opts.qemu) if opts.firmware is None else opts.firmware
     argv = [str(opts.qemu)]
     for d in firmware:
         argv += ["-L", str(d)]
-    argv += ["-accel", "kvm", "-cpu", cpu_model(opts)]
+    accel = "kvm,x-userspace-lapic=on" if opts.userspace_lapic else "kvm"
+    argv += ["-accel", accel, "-cpu", cpu_model(opts)]
     argv += ["-machine", f"q35,kernel-irqchip={opts.irqchip}"]
     argv += ["-m", f"{opts.memory_mb}M", "-smp", str(opts.cpus)]
     argv += ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]
@@ -166,7 +215,11 @@ def qemu_argv(opts: InnerOptions) -> list[str]:
     argv += ["-serial", f"file:{opts.console_log}"]
     argv += ["-chardev", f"socket,id=ctl,path={opts.socket_path},server=on,wait=off"]
     argv += ["-serial", "chardev:ctl"]
-    argv += ["-device", ",".join([f"vfio-pci,host={opts.bdf}", *opts.vfio_props])]
+    vfio = [f"vfio-pci,host={opts.bdf}", *opts.vfio_props]
+    if opts.kvmlu:
+        argv += ["-object", f"kvmlu,id={KVMLU_ID}"]
+        vfio.append(f"kvmlu={KVMLU_ID}")
+    argv += ["-device", ",".join(vfio)]
     return argv
 
 
@@ -252,7 +305,7 @@ class InnerGuest(Closing):
         self.guest_bdf: str | None = None
 
     def __repr__(self) -> str:
-        return f"<InnerGuest {self.opts.bdf} kernel-irqchip={self.opts.irqchip} {self.state.name}>"
+        return f"<InnerGuest {self.opts.bdf} {self.opts.mode} {self.state.name}>"
 
     # -- starting ---------------------------------------------------------
 

@@ -1,15 +1,18 @@
 """A real guest under nested KVM counts the MSIs of a passed-through edu function.
 
 The test VM is the nested-KVM host (``-cpu max``, kvm_amd). For each
-``kernel-irqchip`` mode, one boot of Debian's kernel under stock QEMU with
-``edu_count.ko`` (``pyctl.qemu``) takes the last edu function through
-vfio-pci; the test VM raises MSIs through the function's sysfs BAR, each
-once the guest has counted the previous one, and the guest must count
-exactly as many. ``on`` takes KVM's irqfd path, ``off`` QEMU's userspace
-APIC (QEMU before 8.0 only: later ones refuse it, and the mode is skipped).
+interrupt path, one boot of Debian's kernel with ``edu_count.ko``
+(``pyctl.qemu``) takes the last edu function through vfio-pci; the test VM
+raises MSIs through the function's sysfs BAR, each once the guest has
+counted the previous one, and the guest must count exactly as many. ``on``
+takes KVM's irqfd path; ``off`` QEMU's own eventfd handler and userspace
+APIC; ``kvmlu`` the same APIC with the MSIs posted by kvmlu's binding at
+interrupt time, where kvmlu's own counters must also show every MSI posted.
 
-``KVMLU_QEMU`` picks the QEMU (default: Debian's, which is stock 7.2); the
-inner guest's logs and a JSON report per mode go to the results folder.
+``KVMLU_QEMU`` picks the QEMU (default: ``make qemu``'s build in the
+checkout, which has the kvmlu backend and runs ``off`` under KVM with
+``x-userspace-lapic``; else Debian's 7.2, which skips ``kvmlu``); the inner
+guest's logs and a JSON report per path go to the results folder.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ RAISES = 100
 GUEST_RAISES = 50
 BOOT_TIMEOUT = 600.0
 
-QEMU = Path(os.environ.get("KVMLU_QEMU") or qrun.SYSTEM_QEMU)
+QEMU = Path(os.environ.get("KVMLU_QEMU") or qrun.default_qemu())
 
 
 def _skip_reason() -> str | None:
@@ -52,11 +55,11 @@ def initrd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return qguest.build_initramfs(tmp_path_factory.mktemp("inner") / "initramfs.cpio")
 
 
-@pytest.fixture(scope="module", params=["on", "off"])
+@pytest.fixture(scope="module", params=["on", "off", "kvmlu"])
 def booted(request: pytest.FixtureRequest, initrd: Path) -> Iterator[ModeReport]:
-    """One inner guest boot in one kernel-irqchip mode, with every step done."""
-    irqchip: qrun.Irqchip = request.param
-    problem = qrun.irqchip_problem(irqchip, qrun.qemu_version(QEMU))
+    """One inner guest boot on one interrupt path, with every step done."""
+    mode: qrun.Mode = request.param
+    irqchip, kvmlu, userspace_lapic, problem = qrun.mode_settings(mode, QEMU)
     if problem:
         pytest.skip(problem)
     release = qguest.module_release(qguest.EDU_COUNT_KO)
@@ -65,12 +68,14 @@ def booted(request: pytest.FixtureRequest, initrd: Path) -> Iterator[ModeReport]
         bdf=os.environ["KVMLU_EDU"].split(",")[-1],
         kernel=qrun.find_kernel_image(release),
         initrd=initrd,
-        workdir=workdir() / irqchip,
+        workdir=workdir() / mode,
         irqchip=irqchip,
+        kvmlu=kvmlu,
+        userspace_lapic=userspace_lapic,
         qemu=QEMU,
     )
     rep = run_mode(opts, RAISES, GUEST_RAISES, boot_timeout=BOOT_TIMEOUT, keep_logs=results)
-    (results / f"qemu-guest-{irqchip}.json").write_text(json.dumps(rep.to_json(), indent=2))
+    (results / f"qemu-guest-{mode}.json").write_text(json.dumps(rep.to_json(), indent=2))
     print(f"\n{rep.text()}")
     yield rep
 
@@ -102,3 +107,19 @@ def test_inner_guest_kernel_log_is_clean(booted: ModeReport) -> None:
     # WARNING, Oops or other report.
     assert booted.klog_lines > 0, booted.text()
     assert booted.klog_findings == [], booted.text()
+
+
+def test_kvmlu_posted_every_msi_the_guest_counted(booted: ModeReport) -> None:
+    # Verifies: on the kvmlu path the function's vector is bound in the kernel
+    # and kvmlu's binding consumed one eventfd signal per MSI the guest
+    # counted, each a PIR rise or coalesced with one (no QEMU thread read the
+    # eventfd); on the other paths kvmlu is not involved.
+    if booted.mode != "kvmlu":
+        assert booted.kvmlu is None
+        return
+    assert booted.kvmlu is not None, booted.text()
+    assert booted.kvmlu["bindings"] >= 1, booted.text()
+    r = booted.host_raises
+    assert r is not None, booted.text()
+    assert booted.kvmlu["signals"] == r.counted == RAISES, booted.text()
+    assert booted.kvmlu["posted"] + booted.kvmlu["coalesced"] == RAISES, booted.text()
