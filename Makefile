@@ -45,12 +45,12 @@ QEMU_CACHE ?= /var/cache/kvmlu/qemu
 # The binary of the last build, copied into the checkout for the test VM.
 QEMU_BIN := $(CURDIR)/build/qemu/qemu-system-x86_64
 
-.PHONY: all deps venv modules guest-module test test-host test-kernel test-debug lint demo bench fuzz qemu clean help
+.PHONY: all deps venv modules guest-module test test-host test-kernel test-qemu test-debug lint demo bench fuzz qemu clean help
 
 all: modules
 
 help:
-	@echo "make demo | test | test-host | test-kernel | test-debug | bench | fuzz | qemu | modules | lint | clean"
+	@echo "make demo | test | test-host | test-kernel | test-qemu | test-debug | bench | fuzz | qemu | modules | lint | clean"
 
 # Debian packages, installed only when one is missing.
 deps: $(STAMPS)/apt
@@ -107,6 +107,14 @@ test-kernel: venv
 	@$(MAKE) --no-print-directory qemu
 	$(KVMLU) vm --kernel $(KVER) --edu 3 $(VM_ARGS) -- \
 		$(CURDIR)/$(PY) -m pytest -p no:cacheprovider tests/kernel $(PYTEST_ARGS)
+
+# The nested guest on all three interrupt paths (on, off, kvmlu) in one boot:
+# the kernel suite runs only "on" (see tests/kernel/test_qemu_guest.py).
+test-qemu: venv
+	@$(MAKE) --no-print-directory _modules
+	@$(MAKE) --no-print-directory qemu
+	$(KVMLU) vm --kernel $(KVER) --edu 1 --env KVMLU_QEMU_PATHS=on,off,kvmlu $(VM_ARGS) -- \
+		$(CURDIR)/$(PY) -m pytest -p no:cacheprovider tests/kernel/test_qemu_guest.py $(PYTEST_ARGS)
 
 # The demo: descriptors and a bound MSI, then the live upgrade of an 88-vCPU
 # test VMM, ten times with every optimisation and ten times without, under a

@@ -377,8 +377,13 @@ class InnerGuest(Closing):
                 continue
             chunk = self.sock.recv(65536)
             if not chunk:
+                # QEMU closes the socket as it exits: give it a moment so the
+                # error says how it ended (a signal is a negative status).
+                assert self.proc is not None
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=10)
                 self._check_alive()
-                raise GuestBootError("QEMU closed the control socket")
+                raise GuestBootError("QEMU closed the control socket and is still running")
             self._buf += chunk
         line, _, self._buf = self._buf.partition(b"\n")
         return line.decode("utf-8", errors="replace").rstrip("\r")
