@@ -763,7 +763,15 @@ def main(args: argparse.Namespace) -> int:
     edus = open_edus(args.edu)
     try:
         result = run(
-            edus, args.vcpus, args.strategy, opts, args.upgrades, vapic=args.vapic, faults=faults
+            edus,
+            args.vcpus,
+            args.strategy,
+            opts,
+            args.upgrades,
+            vapic=args.vapic,
+            faults=faults,
+            raise_in_window=args.raise_in_window,
+            interval=args.interval,
         )
     finally:
         close_edus(edus)

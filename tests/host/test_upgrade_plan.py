@@ -332,3 +332,37 @@ def test_windows_hold_the_raises_stamped_between_pause_and_resume() -> None:
     assert (w[0].landed, w[0].unlanded) == ((first, edge), ())
     assert (w[1].landed, w[1].unlanded) == ((second,), (gave_up,))
     assert (w[2].landed, w[2].unlanded) == ((), ())
+
+
+def test_upgrade_command_passes_every_option_to_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each option ``kvmlu upgrade`` parses reaches ``upgrade.run`` (raise-in-window
+    and interval were once parsed and dropped)."""
+    import argparse
+    from types import SimpleNamespace
+
+    seen: dict[str, object] = {}
+
+    def fake_run(*args: object, **kwargs: object) -> object:
+        seen["args"], seen["kwargs"] = args, kwargs
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(upgrade, "open_edus", lambda n: SimpleNamespace(n=n))
+    monkeypatch.setattr(upgrade, "close_edus", lambda edus: None)
+    monkeypatch.setattr(upgrade, "run", fake_run)
+    p = argparse.ArgumentParser()
+    upgrade.add_arguments(p)
+    argv = "--strategy naive --vcpus 5 --upgrades 7 --edu 2 --vapic 1 --fault 3:load"
+    argv += " --interval 0.25 --raise-in-window --optimisations none"
+    with pytest.raises(RuntimeError, match="stop here"):
+        upgrade.main(p.parse_args(argv.split()))
+    args, kwargs = seen["args"], seen["kwargs"]
+    assert isinstance(args, tuple) and isinstance(kwargs, dict)
+    assert getattr(args[0], "n", None) == 2
+    assert args[1:3] == (5, "naive") and args[4] == 7
+    assert args[3] == upgrade.Optimisations.parse("none")
+    assert kwargs == {
+        "vapic": 1,
+        "faults": {3: "load"},
+        "raise_in_window": True,
+        "interval": 0.25,
+    }
