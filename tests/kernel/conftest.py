@@ -1,7 +1,9 @@
 """Fixtures for the kernel suite: it runs inside the test VM only.
 
-Outside the VM (``KVMLU_IN_VM`` unset) every test here is skipped with the
-reason; inside it, a missing /dev/kvmlu is a failure, not a skip.
+Outside the VM (``KVMLU_IN_VM`` unset) collecting any test here is a usage
+error (pytest exits 4), so ``pytest tests/kernel`` on the build machine fails
+instead of passing with every test skipped; inside the VM, a missing
+/dev/kvmlu is a failure, not a skip.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ IN_VM = os.environ.get("KVMLU_IN_VM") == "1"
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if IN_VM:
         return
-    skip = pytest.mark.skip(reason="kernel tests run inside the test VM (make test-kernel)")
-    for item in items:
-        if "tests/kernel" in str(item.path):
-            item.add_marker(skip)
+    if any("tests/kernel" in str(item.path) for item in items):
+        raise pytest.UsageError(
+            "the kernel tests run inside the test VM: make test-kernel, or "
+            "kvmlu vm -- python -m pytest tests/kernel"
+        )
 
 
 @pytest.fixture
