@@ -263,7 +263,7 @@ def run_mode(
         bdf=opts.bdf,
         qemu_version=".".join(map(str, version)),
         vfio_props=list(opts.vfio_props),
-        skipped=None if opts.userspace_lapic else irqchip_problem(opts.irqchip, version),
+        skipped=irqchip_problem(opts.irqchip, version, opts.userspace_lapic),
     )
     if rep.skipped is not None:
         return rep

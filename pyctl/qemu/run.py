@@ -162,9 +162,12 @@ def qemu_version(qemu: Path) -> tuple[int, int, int]:
     return int(m[1]), int(m[2]), int(m[3])
 
 
-def irqchip_problem(irqchip: Irqchip, version: tuple[int, ...]) -> str | None:
-    """Why a QEMU of *version* cannot run *irqchip* under KVM, or None."""
-    if irqchip == "off" and version[:2] >= USERSPACE_APIC_REMOVED:
+def irqchip_problem(
+    irqchip: Irqchip, version: tuple[int, ...], userspace_lapic: bool = False
+) -> str | None:
+    """Why a QEMU of *version* cannot run *irqchip* under KVM, or None; with
+    *userspace_lapic* (``x-userspace-lapic``, a ``make qemu`` build) it can."""
+    if irqchip == "off" and version[:2] >= USERSPACE_APIC_REMOVED and not userspace_lapic:
         return (
             f"QEMU {'.'.join(map(str, version))} has no userspace local APIC under KVM "
             "(removed in 8.0): kernel-irqchip=off needs an older QEMU such as Debian 12's 7.2"
@@ -195,7 +198,7 @@ def mode_settings(mode: Mode, qemu: Path) -> tuple[Irqchip, bool, bool, str | No
         return irqchip, True, False, f"{qemu} has no kvmlu object: build it with make qemu"
     version = qemu_version(qemu)
     userspace_lapic = irqchip == "off" and kvmlu_build and version[:2] >= USERSPACE_APIC_REMOVED
-    problem = None if userspace_lapic else irqchip_problem(irqchip, version)
+    problem = irqchip_problem(irqchip, version, userspace_lapic)
     return irqchip, mode == "kvmlu", userspace_lapic, problem
 
 
