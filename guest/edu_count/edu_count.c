@@ -19,6 +19,14 @@
  *               handler's entry, on the guest's clock. ETIMEDOUT if one
  *               does not arrive within EDU_COUNT_RAISE_TIMEOUT_MS.
  *   latency_ns  read: the samples of the last raise run, space-separated
+ *   msi         read: the MSI message the function is programmed with,
+ *               "enabled=E address=0xA data=0xD dest=I vector=V" (dest: the
+ *               destination APIC ID of a compatibility-format address)
+ *   msi_on      write 0: free the IRQs and turn MSI off in the function;
+ *               write 1: allocate as many vectors as at probe again and
+ *               request their IRQs (the guest then programs a new message)
+ *   irq_mask    write 1: disable_irq() every vector; write 0: enable_irq().
+ *               An MSI taken while disabled runs the handler once on enable.
  *
  * An MSI raised by someone else while a raise run waits is taken for the
  * awaited one: measure latency only while nobody else raises.
@@ -69,6 +77,7 @@ struct edu_count;
  * @index: the vector's index in the device's MSI block
  * @count: handler runs. Protected by @ec->lock, as are the fields below.
  * @nostatus: handler runs that found the status register zero
+ * @cpu: the CPU of the last handler run, -1 before it
  * @first_ns: ktime of the first handler run, 0 before it
  * @last_ns: ktime of the last handler run, 0 before it
  */
@@ -77,6 +86,7 @@ struct edu_count_vector {
 	unsigned int index;
 	u64 count;
 	u64 nostatus;
+	int cpu;
 	u64 first_ns;
 	u64 last_ns;
 };
@@ -94,7 +104,11 @@ struct edu_count_vector {
  * @raise_mutex: one raise run at a time; protects @samples and @nr_samples
  * @samples: the latencies of the last raise run
  * @nr_samples: how many of @samples are valid
- * @nvec: MSI vectors allocated
+ * @state_mutex: orders the @enabled and @masked changes and raise runs;
+ *	protects @enabled and @masked
+ * @enabled: MSI is on and the IRQs are requested
+ * @masked: every IRQ is disabled (disable_irq())
+ * @nvec: MSI vectors allocated at probe; enabling again asks for as many
  * @vec: per-vector counters, @nvec of them
  */
 struct edu_count {
@@ -108,6 +122,9 @@ struct edu_count {
 	struct mutex raise_mutex;	/* one raise run; samples */
 	u64 samples[EDU_COUNT_MAX_SAMPLES];
 	unsigned int nr_samples;
+	struct mutex state_mutex;	/* enabled, masked */
+	bool enabled;
+	bool masked;
 	unsigned int nvec;
 	struct edu_count_vector vec[];
 };
@@ -136,6 +153,7 @@ static irqreturn_t edu_count_irq(int irq, void *data)
 	if (!v->first_ns)
 		v->first_ns = now;
 	v->last_ns = now;
+	v->cpu = raw_smp_processor_id();
 	if (ec->raise_pending) {
 		ec->raise_pending = false;
 		ec->raise_latency_ns = now - ec->raise_start_ns;
@@ -157,9 +175,9 @@ static ssize_t irqs_show(struct device *dev, struct device_attribute *attr, char
 		snap = ec->vec[i];
 		spin_unlock_irq(&ec->lock);
 		len += sysfs_emit_at(buf, len,
-				     "vector=%u count=%llu nostatus=%llu first_ns=%llu last_ns=%llu\n",
-				     snap.index, snap.count, snap.nostatus, snap.first_ns,
-				     snap.last_ns);
+				     "vector=%u count=%llu nostatus=%llu cpu=%d first_ns=%llu last_ns=%llu\n",
+				     snap.index, snap.count, snap.nostatus, snap.cpu,
+				     snap.first_ns, snap.last_ns);
 	}
 	return len;
 }
@@ -205,9 +223,19 @@ static ssize_t raise_store(struct device *dev, struct device_attribute *attr,
 	if (!n || n > EDU_COUNT_MAX_SAMPLES)
 		return -ERANGE;
 
-	ret = mutex_lock_interruptible(&ec->raise_mutex);
+	ret = mutex_lock_interruptible(&ec->state_mutex);
 	if (ret)
 		return ret;
+	/* A disabled or masked function's MSI never reaches the handler. */
+	if (!ec->enabled || ec->masked) {
+		mutex_unlock(&ec->state_mutex);
+		return -EBUSY;
+	}
+	ret = mutex_lock_interruptible(&ec->raise_mutex);
+	if (ret) {
+		mutex_unlock(&ec->state_mutex);
+		return ret;
+	}
 	ec->nr_samples = 0;
 	for (i = 0; i < n; i++) {
 		ret = edu_count_raise_one(ec, &ec->samples[i]);
@@ -219,6 +247,7 @@ static ssize_t raise_store(struct device *dev, struct device_attribute *attr,
 		ec->nr_samples = i + 1;
 	}
 	mutex_unlock(&ec->raise_mutex);
+	mutex_unlock(&ec->state_mutex);
 	return ret ? ret : count;
 }
 static DEVICE_ATTR_WO(raise);
@@ -241,10 +270,132 @@ static ssize_t latency_ns_show(struct device *dev, struct device_attribute *attr
 }
 static DEVICE_ATTR_RO(latency_ns);
 
+static ssize_t msi_show(struct device *dev, struct device_attribute *attr, char *buf)
+{
+	struct pci_dev *pdev = to_pci_dev(dev);
+	int pos = pdev->msi_cap;
+	u32 lo, hi = 0;
+	u16 flags, data;
+
+	if (!pos)
+		return -ENODEV;
+	pci_read_config_word(pdev, pos + PCI_MSI_FLAGS, &flags);
+	pci_read_config_dword(pdev, pos + PCI_MSI_ADDRESS_LO, &lo);
+	if (flags & PCI_MSI_FLAGS_64BIT) {
+		pci_read_config_dword(pdev, pos + PCI_MSI_ADDRESS_HI, &hi);
+		pci_read_config_word(pdev, pos + PCI_MSI_DATA_64, &data);
+	} else {
+		pci_read_config_word(pdev, pos + PCI_MSI_DATA_32, &data);
+	}
+	/* Compatibility format: destination ID in bits 19:12, vector in 7:0. */
+	return sysfs_emit(buf, "enabled=%d address=%#llx data=%#x dest=%u vector=%u\n",
+			  !!(flags & PCI_MSI_FLAGS_ENABLE), ((u64)hi << 32) | lo, data,
+			  (lo >> 12) & 0xff, data & 0xff);
+}
+static DEVICE_ATTR_RO(msi);
+
+/* Turn MSI on with @ec->nvec vectors and request their IRQs. */
+static int edu_count_irqs_on(struct edu_count *ec)
+{
+	struct pci_dev *pdev = ec->pdev;
+	unsigned int i;
+	int nvec;
+	int ret;
+
+	nvec = pci_alloc_irq_vectors(pdev, ec->nvec, ec->nvec, PCI_IRQ_MSI);
+	if (nvec < 0) {
+		pci_err(pdev, "%u MSI vector(s): %d\n", ec->nvec, nvec);
+		return nvec;
+	}
+	for (i = 0; i < ec->nvec; i++) {
+		ret = request_irq(pci_irq_vector(pdev, i), edu_count_irq, 0, KBUILD_MODNAME,
+				  &ec->vec[i]);
+		if (ret) {
+			pci_err(pdev, "request_irq of vector %u: %d\n", i, ret);
+			while (i--)
+				free_irq(pci_irq_vector(pdev, i), &ec->vec[i]);
+			pci_free_irq_vectors(pdev);
+			return ret;
+		}
+	}
+	ec->enabled = true;
+	return 0;
+}
+
+/* Free the IRQs and turn MSI off; an IRQ disabled by mask is enabled first. */
+static void edu_count_irqs_off(struct edu_count *ec)
+{
+	unsigned int i;
+
+	for (i = 0; i < ec->nvec; i++) {
+		if (ec->masked)
+			enable_irq(pci_irq_vector(ec->pdev, i));
+		free_irq(pci_irq_vector(ec->pdev, i), &ec->vec[i]);
+	}
+	ec->masked = false;
+	pci_free_irq_vectors(ec->pdev);
+	ec->enabled = false;
+}
+
+static ssize_t msi_on_store(struct device *dev, struct device_attribute *attr,
+			    const char *buf, size_t count)
+{
+	struct edu_count *ec = dev_get_drvdata(dev);
+	bool on;
+	int ret;
+
+	ret = kstrtobool(buf, &on);
+	if (ret)
+		return ret;
+	ret = mutex_lock_interruptible(&ec->state_mutex);
+	if (ret)
+		return ret;
+	if (on && !ec->enabled)
+		ret = edu_count_irqs_on(ec);
+	else if (!on && ec->enabled)
+		edu_count_irqs_off(ec);
+	mutex_unlock(&ec->state_mutex);
+	return ret ? ret : count;
+}
+static DEVICE_ATTR_WO(msi_on);
+
+static ssize_t irq_mask_store(struct device *dev, struct device_attribute *attr,
+			      const char *buf, size_t count)
+{
+	struct edu_count *ec = dev_get_drvdata(dev);
+	unsigned int i;
+	bool mask;
+	int ret;
+
+	ret = kstrtobool(buf, &mask);
+	if (ret)
+		return ret;
+	ret = mutex_lock_interruptible(&ec->state_mutex);
+	if (ret)
+		return ret;
+	if (!ec->enabled) {
+		ret = -EBUSY;
+	} else if (mask != ec->masked) {
+		for (i = 0; i < ec->nvec; i++) {
+			if (mask)
+				disable_irq(pci_irq_vector(ec->pdev, i));
+			else
+				enable_irq(pci_irq_vector(ec->pdev, i));
+		}
+		ec->masked = mask;
+	}
+	mutex_unlock(&ec->state_mutex);
+	return ret ? ret : count;
+}
+static DEVICE_ATTR_WO(irq_mask);
+
 static struct attribute *edu_count_attrs[] = {
 	&dev_attr_irqs.attr,
 	&dev_attr_raise.attr,
 	&dev_attr_latency_ns.attr,
+	&dev_attr_msi.attr,
+	&dev_attr_msi_on.attr,
+	&dev_attr_irq_mask.attr,
 	NULL,
 };
 ATTRIBUTE_GROUPS(edu_count);
@@ -257,7 +408,7 @@ static int edu_count_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	int nvec;
 	int ret;
 
-	/* Managed: the MSI vectors, the BAR mapping and the IRQs go with the device. */
+	/* Managed: the BAR mapping goes with the device; the IRQs go in remove. */
 	ret = pcim_enable_device(pdev);
 	if (ret)
 		return ret;
@@ -272,11 +423,13 @@ static int edu_count_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	}
 	pci_set_master(pdev);
 
-	nvec = pci_alloc_irq_vectors(pdev, 1, EDU_COUNT_MAX_VECTORS, PCI_IRQ_MSI);
+	/* How many vectors the function offers; edu_count_irqs_on() asks for them. */
+	nvec = pci_msi_vec_count(pdev);
 	if (nvec < 0) {
-		pci_err(pdev, "no MSI vector: %d\n", nvec);
+		pci_err(pdev, "no MSI capability: %d\n", nvec);
 		return nvec;
 	}
+	nvec = min(nvec, EDU_COUNT_MAX_VECTORS);
 
 	ec = devm_kzalloc(&pdev->dev, struct_size(ec, vec, nvec), GFP_KERNEL);
 	if (!ec)
@@ -287,23 +440,31 @@ static int edu_count_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	spin_lock_init(&ec->lock);
 	init_completion(&ec->raised);
 	mutex_init(&ec->raise_mutex);
-	/* The attributes appear after probe returns; drvdata is set before. */
-	pci_set_drvdata(pdev, ec);
-
+	mutex_init(&ec->state_mutex);
 	for (i = 0; i < nvec; i++) {
 		ec->vec[i].ec = ec;
 		ec->vec[i].index = i;
-		ret = devm_request_irq(&pdev->dev, pci_irq_vector(pdev, i), edu_count_irq, 0,
-				       KBUILD_MODNAME, &ec->vec[i]);
-		if (ret) {
-			pci_err(pdev, "request_irq of vector %u: %d\n", i, ret);
-			return ret;
-		}
+		ec->vec[i].cpu = -1;
 	}
+	/* The attributes appear after probe returns; drvdata is set before. */
+	pci_set_drvdata(pdev, ec);
 
+	ret = edu_count_irqs_on(ec);
+	if (ret)
+		return ret;
 	pci_info(pdev, "edu %#x counting MSIs on %d vector(s), first IRQ %d\n",
 		 ident, nvec, pci_irq_vector(pdev, 0));
 	return 0;
+}
+
+static void edu_count_remove(struct pci_dev *pdev)
+{
+	struct edu_count *ec = pci_get_drvdata(pdev);
+
+	mutex_lock(&ec->state_mutex);
+	if (ec->enabled)
+		edu_count_irqs_off(ec);
+	mutex_unlock(&ec->state_mutex);
 }
 
 static const struct pci_device_id edu_count_ids[] = {
@@ -316,6 +477,7 @@ static struct pci_driver edu_count_driver = {
 	.name = KBUILD_MODNAME,
 	.id_table = edu_count_ids,
 	.probe = edu_count_probe,
+	.remove = edu_count_remove,
 	.dev_groups = edu_count_groups,
 };
 module_pci_driver(edu_count_driver);

@@ -8,10 +8,12 @@
    guest's APIC together and coalescing cannot hide a loss;
 2. waits a little and reads the count once more: it must be exactly N more
    than before (none lost, none extra);
-3. raises M MSIs from inside the guest (``raise M``) and keeps their
+3. if asked, has the guest move, mask and turn off its MSI, raising from
+   the nested host after each change (:mod:`pyctl.qemu.reprogram`);
+4. raises M MSIs from inside the guest (``raise M``) and keeps their
    raise->handler times, measured on the guest's clock;
-4. reads the guest's kernel log and scans it with :func:`pyctl.klog.scan`;
-5. powers the guest off.
+5. reads the guest's kernel log and scans it with :func:`pyctl.klog.scan`;
+6. powers the guest off.
 """
 
 from __future__ import annotations
@@ -25,102 +27,11 @@ from typing import Any
 
 from pyctl import klog
 from pyctl.kvmlu import ApiInfo, Device
-from pyctl.qemu import QemuError
-from pyctl.qemu.bar import SysfsBar, msi_cpus, msi_irq_count, pinned
+from pyctl.qemu import QemuError, procfd
+from pyctl.qemu.bar import SysfsBar
+from pyctl.qemu.raising import RaiseResult, raise_and_count
+from pyctl.qemu.reprogram import Phase, reprogram_and_count
 from pyctl.qemu.run import InnerGuest, InnerOptions, irqchip_problem, qemu_version
-
-REG_IRQ_STATUS = 0x24
-REG_IRQ_RAISE = 0x60
-DEFAULT_WAIT = 10.0
-DEFAULT_SETTLE = 1.0
-
-
-@dataclass
-class RaiseResult:
-    """N MSIs raised from the nested host and what the guest counted."""
-
-    raised: int
-    counted: int = 0
-    #: Raises whose count rise did not come within the wait.
-    timeouts: int = 0
-    #: Handler runs that found edu's status register zero.
-    nostatus: int = 0
-    seconds: float = 0.0
-    #: How far the count had risen when the guest was first seen to have
-    #: taken each raise (1 is right; more means more MSIs than raises).
-    rises: dict[int, int] = field(default_factory=dict)
-    #: Raises before which edu's status register (read through the BAR) was
-    #: not zero: the guest had not acknowledged the previous interrupt.
-    unacked: int = 0
-    #: What the count rose by while waiting after the last raise.
-    late: int = 0
-    #: The CPUs the raiser ran on: those that take the function's MSI.
-    cpus: list[int] = field(default_factory=list)
-    #: MSIs of the function the test VM's vfio-pci took meanwhile: more than
-    #: raised means the device or the first level doubled one, as many means
-    #: any extra in the guest came from the delivery into it.
-    host_msis: int = 0
-
-    @property
-    def lost(self) -> int:
-        return max(0, self.raised - self.counted)
-
-    @property
-    def extra(self) -> int:
-        return max(0, self.counted - self.raised)
-
-    @property
-    def ok(self) -> bool:
-        return self.counted == self.raised and not self.timeouts
-
-
-def raise_and_count(
-    guest: InnerGuest,
-    bar: SysfsBar,
-    n: int,
-    *,
-    wait: float = DEFAULT_WAIT,
-    settle: float = DEFAULT_SETTLE,
-) -> RaiseResult:
-    """Raise *n* MSIs through *bar*, each after the guest counted the previous one.
-
-    The raiser runs on the CPUs that take the function's MSI (see
-    :mod:`pyctl.qemu.bar` for why).
-    """
-    cpus = msi_cpus(bar.bdf)
-    res = RaiseResult(raised=n, cpus=sorted(cpus))
-    with pinned(cpus):
-        _raise_loop(guest, bar, res, wait, settle)
-    return res
-
-
-def _raise_loop(
-    guest: InnerGuest, bar: SysfsBar, res: RaiseResult, wait: float, settle: float
-) -> None:
-    n = res.raised
-    host_before = msi_irq_count(bar.bdf)
-    before = guest.irqs()
-    base = sum(v.count for v in before)
-    seen = base
-    started = time.monotonic()
-    for _ in range(n):
-        if bar.read32(REG_IRQ_STATUS):
-            res.unacked += 1
-        bar.write32(REG_IRQ_RAISE, 1)
-        deadline = time.monotonic() + wait
-        while (now := guest.total()) <= seen:
-            if time.monotonic() > deadline:
-                res.timeouts += 1
-                break
-        res.rises[now - seen] = res.rises.get(now - seen, 0) + 1
-        seen = max(seen, now)
-    res.seconds = time.monotonic() - started
-    time.sleep(settle)  # anything late or doubled shows up now
-    after = guest.irqs()
-    res.late = sum(v.count for v in after) - seen
-    res.counted = sum(v.count for v in after) - base
-    res.nostatus = sum(v.nostatus for v in after) - sum(v.nostatus for v in before)
-    res.host_msis = msi_irq_count(bar.bdf) - host_before
 
 
 def latency_summary(ns: list[int]) -> dict[str, float]:
@@ -158,6 +69,13 @@ class ModeReport:
     #: kvmlu path: what the kvmlu module counted (QUERY, whole test VM) over
     #: the host raises: bindings alive, eventfd signals posted, PIR rises.
     kvmlu: dict[str, int] | None = None
+    #: The guest's moves, masks and MSI off/on, each with its raises.
+    phases: list[Phase] = field(default_factory=list)
+    #: kvmlu's descriptors QEMU held after the host raises (device, tables,
+    #: bindings; :func:`pyctl.qemu.procfd.kvmlu_fds`).
+    qemu_kvmlu_fds: dict[str, int] | None = None
+    #: QEMU's warning lines (its log).
+    qemu_warnings: list[str] = field(default_factory=list)
 
     @property
     def kvmlu_ok(self) -> bool:
@@ -182,6 +100,7 @@ class ModeReport:
             and self.host_raises is not None
             and self.host_raises.ok
             and self.kvmlu_ok
+            and all(ph.ok for ph in self.phases)
             and not self.klog_findings
         )
 
@@ -189,6 +108,7 @@ class ModeReport:
         doc = asdict(self)
         doc["ok"] = self.ok
         doc["guest_raise_us"] = latency_summary(self.guest_raise_ns)
+        doc["phases"] = [ph.to_json() for ph in self.phases]
         if self.host_raises is not None:
             doc["host_raises"].update(
                 lost=self.host_raises.lost, extra=self.host_raises.extra, ok=self.host_raises.ok
@@ -232,6 +152,16 @@ class ModeReport:
                 f"{k['signals']} eventfd signals ({k['posted']} PIR rises, "
                 f"{k['coalesced']} coalesced), {k['notified']} notifications"
             )
+        if self.qemu_kvmlu_fds is not None:
+            fds = self.qemu_kvmlu_fds
+            out.append(
+                f"  QEMU holds {fds['device']} /dev/kvmlu, {fds['table']} table and "
+                f"{fds['binding']} binding descriptor(s)"
+            )
+        out += [f"  QEMU: {w}" for w in self.qemu_warnings]
+        if self.phases:
+            out.append("  the guest reprograms its MSI:")
+            out += [ph.text() for ph in self.phases]
         if self.guest_raise_ns:
             s = latency_summary(self.guest_raise_ns)
             out.append(
@@ -254,8 +184,13 @@ def run_mode(
     *,
     boot_timeout: float,
     keep_logs: Path | None = None,
+    reprogram_raises: int = 0,
 ) -> ModeReport:
-    """Boot the guest in ``opts.irqchip`` mode and do the steps of the module docstring."""
+    """Boot the guest in ``opts.irqchip`` mode and do the steps of the module docstring.
+
+    *reprogram_raises* > 0 runs step 3 with that many raises per phase (the
+    guest needs two CPUs: ``opts.cpus``).
+    """
     version = qemu_version(opts.qemu)
     rep = ModeReport(
         mode=opts.mode,
@@ -271,40 +206,72 @@ def run_mode(
     guest = InnerGuest(opts)
     try:
         guest.start(boot_timeout)
-        rep.boot_seconds, rep.guest_uptime = guest.boot_seconds, guest.guest_uptime
-        rep.guest_bdf = guest.guest_bdf
-        if not guest.guest_bdf:
-            raise QemuError("edu_count bound no device in the guest")
-        before = _kvmlu_query() if opts.kvmlu else None
-        with SysfsBar(opts.bdf) as bar:
-            rep.host_raises = raise_and_count(guest, bar, raises)
-        if before is not None:
-            rep.kvmlu = _kvmlu_delta(before, _kvmlu_query())
-        if guest_raises:
-            rep.guest_raise_ns = guest.raise_in_guest(guest_raises)
-        lines = guest.dmesg()
-        rep.klog_lines = len(lines)
-        rep.klog_findings = klog.scan(lines)
-        if keep_logs is not None:
-            (keep_logs / f"inner-{opts.mode}-dmesg.log").write_text(
-                "".join(f"{line}\n" for line in lines), encoding="utf-8"
-            )
+        _exercise(
+            guest,
+            rep,
+            raises=raises,
+            guest_raises=guest_raises,
+            reprogram_raises=reprogram_raises,
+            keep_logs=keep_logs,
+        )
         rep.qemu_status = guest.poweroff()
     except (QemuError, OSError) as e:
         rep.error = f"{type(e).__name__}: {e}"
     finally:
         guest.close()
         rep.total_seconds = time.monotonic() - started
-        if keep_logs is not None:
-            for log in (opts.console_log, opts.qemu_log):
-                if log.is_file():
-                    dest = keep_logs / f"inner-{opts.mode}-{log.name}"
-                    dest.write_bytes(log.read_bytes())
+    _read_logs(opts, rep, keep_logs)
+    return rep
+
+
+def _exercise(
+    guest: InnerGuest,
+    rep: ModeReport,
+    *,
+    raises: int,
+    guest_raises: int,
+    reprogram_raises: int,
+    keep_logs: Path | None,
+) -> None:
+    """Steps 1-5 on a booted guest, into *rep*."""
+    opts = guest.opts
+    rep.boot_seconds, rep.guest_uptime = guest.boot_seconds, guest.guest_uptime
+    rep.guest_bdf = guest.guest_bdf
+    if not guest.guest_bdf:
+        raise QemuError("edu_count bound no device in the guest")
+    before = _kvmlu_query() if opts.kvmlu else None
+    with SysfsBar(opts.bdf) as bar:
+        rep.host_raises = raise_and_count(guest, bar, raises)
+    assert guest.proc is not None
+    rep.qemu_kvmlu_fds = procfd.kvmlu_fds(guest.proc.pid)
+    if before is not None:
+        rep.kvmlu = _kvmlu_delta(before, _kvmlu_query())
+    if reprogram_raises:
+        with SysfsBar(opts.bdf) as bar:
+            rep.phases = reprogram_and_count(guest, bar, kvmlu=opts.kvmlu, raises=reprogram_raises)
+    if guest_raises:
+        rep.guest_raise_ns = guest.raise_in_guest(guest_raises)
+    lines = guest.dmesg()
+    rep.klog_lines = len(lines)
+    rep.klog_findings = klog.scan(lines)
+    if keep_logs is not None:
+        (keep_logs / f"inner-{opts.workdir.name}-dmesg.log").write_text(
+            "".join(f"{line}\n" for line in lines), encoding="utf-8"
+        )
+
+
+def _read_logs(opts: InnerOptions, rep: ModeReport, keep_logs: Path | None) -> None:
+    """QEMU's warnings and the console's findings into *rep*; copies into *keep_logs*."""
+    for log in (opts.console_log, opts.qemu_log):
+        if keep_logs is not None and log.is_file():
+            (keep_logs / f"inner-{opts.workdir.name}-{log.name}").write_bytes(log.read_bytes())
+    if opts.qemu_log.is_file():
+        text = opts.qemu_log.read_text(encoding="utf-8", errors="replace")
+        rep.qemu_warnings = [line for line in text.splitlines() if "warning:" in line]
     # The console has what a crash or panic printed, even when dmesg was not read.
     if opts.console_log.is_file():
         console = opts.console_log.read_text(encoding="utf-8", errors="replace").splitlines()
         rep.klog_findings += [f for f in klog.scan(console) if f not in rep.klog_findings]
-    return rep
 
 
 def _kvmlu_query() -> ApiInfo:

@@ -29,6 +29,8 @@ HOST_INITRD = CHECKOUT / "build" / "inner-guest" / "initramfs.cpio"
 DEFAULT_RESULTS = CHECKOUT / "results" / "qemu"
 DEFAULT_RAISES = 100
 DEFAULT_GUEST_RAISES = 50
+DEFAULT_REPROGRAM_RAISES = 10
+DEFAULT_CPUS = 2
 # The test VM boots the inner guest once per mode; each boot takes about a minute.
 DEFAULT_VM_TIMEOUT = 1800.0
 
@@ -74,6 +76,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_GUEST_RAISES,
         metavar="M",
         help="MSIs raised by the guest itself, timed (default: %(default)s, at most 256)",
+    )
+    p.add_argument(
+        "--reprogram",
+        type=int,
+        default=DEFAULT_REPROGRAM_RAISES,
+        metavar="K",
+        help="then the guest moves its MSI to another CPU, masks it, turns it off and on, "
+        "and K MSIs are raised after each change; 0 skips this (default: %(default)s)",
+    )
+    p.add_argument(
+        "--cpus",
+        type=int,
+        default=DEFAULT_CPUS,
+        metavar="N",
+        help="inner guest vCPUs; --reprogram needs 2 or more (default: %(default)s)",
     )
     p.add_argument("--device", metavar="BDF", help="edu function in the test VM (default: last)")
     p.add_argument(
@@ -181,6 +198,7 @@ def in_vm(args: argparse.Namespace) -> int:
                 qemu=qemu,
                 cpu=args.cpu,
                 memory_mb=args.memory,
+                cpus=args.cpus,
                 append=args.append,
                 vfio_props=args.vfio_props,
             )
@@ -191,6 +209,7 @@ def in_vm(args: argparse.Namespace) -> int:
                 args.guest_raises,
                 boot_timeout=args.boot_timeout,
                 keep_logs=results,
+                reprogram_raises=args.reprogram,
             )
             print(rep.text(), flush=True)
             reports.append(rep)
@@ -207,6 +226,7 @@ def vm_argv(args: argparse.Namespace, initrd: Path) -> list[str]:
     inner = [sys.executable, "-m", "pyctl.cli", "qemu", "--initrd", str(initrd)]
     inner += ["--irqchip", ",".join(args.irqchip), "--raises", str(args.raises)]
     inner += ["--guest-raises", str(args.guest_raises), "--memory", str(args.memory)]
+    inner += ["--reprogram", str(args.reprogram), "--cpus", str(args.cpus)]
     inner += ["--boot-timeout", str(args.boot_timeout), "--module", str(args.module.resolve())]
     # Chosen here: the guest does not see /var/cache, where make qemu builds.
     qemu = (args.qemu or qrun.default_qemu()).absolute()
@@ -221,7 +241,8 @@ def vm_argv(args: argparse.Namespace, initrd: Path) -> list[str]:
         inner += ["--vfio-prop", prop]
     if args.json:
         inner += ["--json", str(args.json.resolve())]
-    argv = ["--edu", "1", "--no-modules"]
+    # kvmlu.ko only where a path posts through it.
+    argv = ["--edu", "1"] if "kvmlu" in args.irqchip else ["--edu", "1", "--no-modules"]
     if vm.hidden_in_guest(qemu):
         argv += ["--rodir", str(qemu.parent)]
     argv += ["--results", str(args.results), "--timeout", str(args.timeout)]
@@ -244,6 +265,9 @@ def main(args: argparse.Namespace) -> int:
     """``kvmlu qemu``."""
     if args.raises < 0 or not 0 <= args.guest_raises <= 256:
         _note("--raises must be >= 0 and --guest-raises within 0..256")
+        return 2
+    if args.cpus < 1 or args.reprogram < 0 or (args.reprogram and args.cpus < 2):
+        _note("--cpus must be >= 1, --reprogram >= 0, and --reprogram needs --cpus 2 or more")
         return 2
     try:
         if os.environ.get("KVMLU_IN_VM") == "1":

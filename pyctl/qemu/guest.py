@@ -21,9 +21,14 @@ ends with ``<id> OK`` or ``<id> ERR <command> <arg>``:
 ===========  ============================================================
 ``ping``     ``pong``
 ``irqs``     edu_count's ``irqs``: one ``vector=I count=N nostatus=Z
-             first_ns=F last_ns=L`` line per vector
+             cpu=C first_ns=F last_ns=L`` line per vector
 ``raise N``  N guest-initiated MSIs, each waited for; then the raise to
              handler times in ns (edu_count's ``latency_ns``)
+``msi``      edu_count's ``msi``: ``enabled=E address=0xA data=0xD dest=I
+             vector=V``, the message the function is programmed with
+``move C``   point every IRQ of the function at CPU C (``smp_affinity_list``)
+``enable B`` edu_count's ``msi_on``: 0 turns MSI off, 1 on again
+``mask B``   edu_count's ``irq_mask``: 1 disables the IRQs, 0 enables them
 ``dmesg``    the kernel log
 ``uptime``   ``/proc/uptime``
 ``poweroff`` ``OK``, then the guest powers off
@@ -78,6 +83,13 @@ while read -r id cmd arg; do
 	ping) echo "$id pong" ;;
 	irqs) tag "$id" <"$dev/irqs" ;;
 	raise) echo "$arg" >"$dev/raise" && tag "$id" <"$dev/latency_ns" ;;
+	msi) tag "$id" <"$dev/msi" ;;
+	move)
+		for irq in "$dev"/msi_irqs/*; do
+			echo "$arg" >"/proc/irq/${irq##*/}/smp_affinity_list" || break
+		done ;;
+	enable) echo "$arg" >"$dev/msi_on" ;;
+	mask) echo "$arg" >"$dev/irq_mask" ;;
 	dmesg) dmesg | tag "$id" ;;
 	uptime) tag "$id" </proc/uptime ;;
 	poweroff) echo "$id OK"; poweroff -f ;;

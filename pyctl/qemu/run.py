@@ -94,6 +94,9 @@ class InnerOptions:
     initrd: Path
     workdir: Path
     irqchip: Irqchip = "on"
+    #: ``kvm`` (nested: the test VM is the KVM host) or ``tcg`` (QEMU
+    #: emulates the guest's CPU; its APIC is QEMU's own, irqchip is moot).
+    accel: Literal["kvm", "tcg"] = "kvm"
     qemu: Path = field(default_factory=default_qemu)
     #: None: ``host``, plus ``kvm=off`` with kernel-irqchip=off (see cpu_model()).
     cpu: str | None = None
@@ -105,9 +108,21 @@ class InnerOptions:
     vfio_props: list[str] = field(default_factory=list)
     #: Post the function's MSIs through a kvmlu object (with irqchip off).
     kvmlu: bool = False
+    #: The kvmlu object's ``path`` (its device node), None for the default.
+    kvmlu_path: str | None = None
     #: ``-accel kvm,x-userspace-lapic=on``: a patched QEMU newer than 8.0
     #: with irqchip off (see :func:`mode_settings`).
     userspace_lapic: bool = False
+    #: Ready for cpr-transfer: guest RAM in a memfd (``memory-backend-memfd``
+    #: with ``aux-ram-share=on``) and a QMP monitor at :attr:`qmp_path`.
+    cpr: bool = False
+    #: ``-incoming`` arguments: this QEMU takes over from another.
+    incoming: list[str] = field(default_factory=list)
+    #: ``-S``: do not start the vCPUs on its own (after an incoming
+    #: migration: the driver sends ``cont``).
+    paused: bool = False
+    #: Extra ``-object kvmlu`` properties, e.g. ``x-eager=off``.
+    kvmlu_props: list[str] = field(default_factory=list)
 
     @property
     def mode(self) -> str:
@@ -118,6 +133,11 @@ class InnerOptions:
     def socket_path(self) -> Path:
         """The UNIX socket of the guest's control serial port."""
         return self.workdir / "ctl.sock"
+
+    @property
+    def qmp_path(self) -> Path:
+        """The QMP monitor's UNIX socket (with :attr:`cpr`)."""
+        return self.workdir / "qmp.sock"
 
     @property
     def console_log(self) -> Path:
@@ -145,6 +165,8 @@ def cpu_model(opts: InnerOptions) -> str:
     """
     if opts.cpu is not None:
         return opts.cpu
+    if opts.accel == "tcg":
+        return "max"
     return "host,kvm=off" if opts.irqchip == "off" else "host"
 
 
@@ -208,9 +230,16 @@ def qemu_argv(opts: InnerOptions) -> list[str]:
     argv = [str(opts.qemu)]
     for d in firmware:
         argv += ["-L", str(d)]
-    accel = "kvm,x-userspace-lapic=on" if opts.userspace_lapic else "kvm"
+    if opts.accel == "tcg":
+        accel = "tcg"
+    else:
+        accel = "kvm,x-userspace-lapic=on" if opts.userspace_lapic else "kvm"
     argv += ["-accel", accel, "-cpu", cpu_model(opts)]
-    argv += ["-machine", f"q35,kernel-irqchip={opts.irqchip}"]
+    machine = f"q35,kernel-irqchip={opts.irqchip}"
+    if opts.cpr:
+        machine += ",memory-backend=ram0,aux-ram-share=on"
+        argv += ["-object", f"memory-backend-memfd,id=ram0,size={opts.memory_mb}M"]
+    argv += ["-machine", machine]
     argv += ["-m", f"{opts.memory_mb}M", "-smp", str(opts.cpus)]
     argv += ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]
     argv += ["-kernel", str(opts.kernel), "-initrd", str(opts.initrd)]
@@ -218,9 +247,18 @@ def qemu_argv(opts: InnerOptions) -> list[str]:
     argv += ["-serial", f"file:{opts.console_log}"]
     argv += ["-chardev", f"socket,id=ctl,path={opts.socket_path},server=on,wait=off"]
     argv += ["-serial", "chardev:ctl"]
+    if opts.cpr:
+        argv += ["-qmp", f"unix:{opts.qmp_path},server=on,wait=off"]
+    for inc in opts.incoming:
+        argv += ["-incoming", inc]
+    if opts.paused:
+        argv.append("-S")
     vfio = [f"vfio-pci,host={opts.bdf}", *opts.vfio_props]
     if opts.kvmlu:
-        argv += ["-object", f"kvmlu,id={KVMLU_ID}"]
+        props = [f"id={KVMLU_ID}", *opts.kvmlu_props]
+        if opts.kvmlu_path is not None:
+            props.append(f"path={opts.kvmlu_path}")
+        argv += ["-object", "kvmlu," + ",".join(props)]
         vfio.append(f"kvmlu={KVMLU_ID}")
     argv += ["-device", ",".join(vfio)]
     return argv
@@ -274,17 +312,46 @@ class VectorCount:
     vector: int
     count: int
     nostatus: int
+    #: The guest CPU of the last handler run, -1 before the first.
+    cpu: int
     first_ns: int
     last_ns: int
 
     @classmethod
     def parse(cls, line: str) -> VectorCount:
-        """Parse ``vector=I count=N nostatus=Z first_ns=F last_ns=L``."""
+        """Parse ``vector=I count=N nostatus=Z cpu=C first_ns=F last_ns=L``."""
         try:
             kv = dict(item.split("=", 1) for item in line.split())
             return cls(**{k: int(kv[k]) for k in cls.__dataclass_fields__})
         except (KeyError, ValueError, TypeError) as e:
             raise GuestCommandError(f"unexpected irqs line {line!r}") from e
+
+
+@dataclass(frozen=True)
+class MsiMessage:
+    """edu_count's ``msi``: the MSI message the guest programmed into the function."""
+
+    enabled: bool
+    address: int
+    data: int
+    #: Destination APIC ID (compatibility format).
+    dest: int
+    vector: int
+
+    @classmethod
+    def parse(cls, line: str) -> MsiMessage:
+        """Parse ``enabled=E address=0xA data=0xD dest=I vector=V``."""
+        try:
+            kv = {k: int(v, 0) for k, v in (item.split("=", 1) for item in line.split())}
+            return cls(
+                enabled=bool(kv["enabled"]),
+                address=kv["address"],
+                data=kv["data"],
+                dest=kv["dest"],
+                vector=kv["vector"],
+            )
+        except (KeyError, ValueError) as e:
+            raise GuestCommandError(f"unexpected msi line {line!r}") from e
 
 
 _READY_RE = re.compile(r"READY uptime=(?P<uptime>[\d.]+) dev=(?P<dev>\S*)")
@@ -315,19 +382,8 @@ class InnerGuest(Closing):
     @require(Runstate.IDLE)
     def start(self, boot_timeout: float = DEFAULT_BOOT_TIMEOUT) -> None:
         """Start QEMU, connect to the control socket and wait for READY."""
-        opts = self.opts
-        opts.workdir.mkdir(parents=True, exist_ok=True)
-        for path in (opts.socket_path, opts.console_log):
-            path.unlink(missing_ok=True)
-        argv = qemu_argv(opts)
         started = time.monotonic()
-        with open(opts.qemu_log, "wb") as log:
-            log.write(f"$ {shlex.join(argv)}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-            )
-        self.state = Runstate.BOOTING
+        self._launch(())
         deadline = started + boot_timeout
         try:
             self.sock = self._connect(deadline)
@@ -341,6 +397,50 @@ class InnerGuest(Closing):
         self.guest_uptime = float(match["uptime"])
         self.guest_bdf = match["dev"]
         self.state = Runstate.READY
+
+    def _launch(self, pass_fds: Sequence[int]) -> None:
+        opts = self.opts
+        opts.workdir.mkdir(parents=True, exist_ok=True)
+        for path in (opts.socket_path, opts.console_log, opts.qmp_path):
+            path.unlink(missing_ok=True)
+        argv = qemu_argv(opts)
+        with open(opts.qemu_log, "wb") as log:
+            log.write(f"$ {shlex.join(argv)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                pass_fds=tuple(pass_fds),
+            )
+        self.state = Runstate.BOOTING
+
+    @require(Runstate.IDLE)
+    def start_incoming(self, pass_fds: Sequence[int] = ()) -> None:
+        """Start a QEMU that takes the guest over (``opts.incoming``); see :meth:`adopt`."""
+        if not self.opts.incoming:
+            raise StateError("start_incoming() needs opts.incoming")
+        self._launch(pass_fds)
+
+    @require(Runstate.BOOTING)
+    def adopt(self, timeout: float = DEFAULT_COMMAND_TIMEOUT) -> None:
+        """Once this QEMU runs the guest it took over, talk to the guest through it."""
+        deadline = time.monotonic() + timeout
+        try:
+            self.sock = self._connect(deadline)
+        except BaseException:
+            self.close()
+            raise
+        self.state = Runstate.READY
+        self.command("ping", timeout=timeout)
+
+    def detach(self) -> None:
+        """Forget the control connection (the guest moved to another QEMU)."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self._buf = b""
 
     def _check_alive(self) -> None:
         assert self.proc is not None
@@ -443,6 +543,22 @@ class InnerGuest(Closing):
         """Raise *n* MSIs from the guest, each waited for; their raise->handler ns."""
         lines = self.command("raise", str(n), timeout=timeout)
         return [int(x) for line in lines for x in line.split()]
+
+    def msi(self) -> MsiMessage:
+        """The MSI message the guest has programmed into the function."""
+        return MsiMessage.parse(self.command("msi")[0])
+
+    def move(self, cpu: int) -> None:
+        """Point the function's IRQs at guest CPU *cpu*; the guest reprograms the MSI."""
+        self.command("move", str(cpu))
+
+    def set_enabled(self, on: bool) -> None:
+        """Turn the function's MSI off (IRQs freed) or on again (new message)."""
+        self.command("enable", "1" if on else "0")
+
+    def set_masked(self, masked: bool) -> None:
+        """disable_irq() (True) or enable_irq() (False) every IRQ of the function."""
+        self.command("mask", "1" if masked else "0")
 
     def dmesg(self) -> list[str]:
         """The guest's kernel log."""

@@ -9,12 +9,14 @@ import stat
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pyctl import cli, vm
 from pyctl.qemu import GuestBootError, GuestCommandError
 from pyctl.qemu import bar as qbar
+from pyctl.qemu import check as qcheck
 from pyctl.qemu import cli as qcli
 from pyctl.qemu import guest as qguest
 from pyctl.qemu import run as qrun
@@ -137,10 +139,18 @@ def test_userspace_apic_needs_qemu_before_8() -> None:
 
 
 def test_vector_count_parse() -> None:
-    line = "vector=0 count=12 nostatus=1 first_ns=100 last_ns=900"
-    assert qrun.VectorCount.parse(line) == qrun.VectorCount(0, 12, 1, 100, 900)
+    line = "vector=0 count=12 nostatus=1 cpu=1 first_ns=100 last_ns=900"
+    assert qrun.VectorCount.parse(line) == qrun.VectorCount(0, 12, 1, 1, 100, 900)
+    assert qrun.VectorCount.parse(line.replace("cpu=1", "cpu=-1")).cpu == -1
     with pytest.raises(GuestCommandError, match="unexpected irqs line"):
         qrun.VectorCount.parse("vector=0 count=x")
+
+
+def test_msi_message_parse() -> None:
+    line = "enabled=1 address=0xfee01000 data=0x4031 dest=1 vector=49"
+    assert qrun.MsiMessage.parse(line) == qrun.MsiMessage(True, 0xFEE01000, 0x4031, 1, 49)
+    with pytest.raises(GuestCommandError, match="unexpected msi line"):
+        qrun.MsiMessage.parse("enabled=1 address=zz")
 
 
 def test_msi_cpus_and_cpu_lists(tmp_path: Path) -> None:
@@ -183,8 +193,15 @@ FAKE_QEMU = textwrap.dedent(
     for line in f:
         rid, cmd, *arg = line.split()
         if cmd == "irqs":
-            f.write(f"{rid} vector=0 count={count} nostatus=0 first_ns=1 last_ns=2\\n")
+            f.write(f"{rid} vector=0 count={count} nostatus=0 cpu=0 first_ns=1 last_ns=2\\n")
             count += 1
+        elif cmd == "msi":
+            f.write(f"{rid} enabled=1 address=0xfee00000 data=0x4021 dest=0 vector=33\\n")
+        elif cmd in ("move", "enable", "mask"):
+            if arg != ["1"] and arg != ["0"]:
+                f.write(f"{rid} ERR {cmd}\\n")
+                f.flush()
+                continue
         elif cmd == "raise":
             f.write(f"99 stale answer\\n{rid} " + " ".join(["1500"] * int(arg[0])) + "\\n")
         elif cmd == "dmesg":
@@ -222,7 +239,13 @@ def test_inner_guest_protocol(tmp_path: Path, fake_qemu: Path) -> None:
         assert g.guest_uptime == 12.5 and g.guest_bdf == "0000:00:01.0"
         assert g.boot_seconds is not None
         assert g.total() == 0
-        assert g.irqs() == [qrun.VectorCount(0, 1, 0, 1, 2)]
+        assert g.irqs() == [qrun.VectorCount(0, 1, 0, 0, 1, 2)]
+        assert g.msi() == qrun.MsiMessage(True, 0xFEE00000, 0x4021, 0, 33)
+        g.move(1)
+        g.set_enabled(False)
+        g.set_masked(True)
+        with pytest.raises(GuestCommandError, match="refused move 7"):
+            g.move(7)
         assert g.raise_in_guest(3) == [1500, 1500, 1500], "another id's line is skipped"
         assert g.dmesg()[0].startswith("[    0.000000] Linux")
         with pytest.raises(GuestCommandError, match="refused bogus"):
@@ -254,8 +277,8 @@ def test_kvmlu_qemu_on_the_host_boots_the_test_vm(
     ko = tmp_path / "edu_count.ko"
     ko.write_bytes(FAKE_KO)
     rc = cli.main(["qemu", "--kernel", str(tree), "--module", str(ko), "--raises", "7",
-                   "--irqchip", "off", "--vfio-prop", "x-no-kvm-msi=on",
-                   "--results", str(tmp_path / "r"), "--dry-run"])  # fmt: skip
+                   "--irqchip", "off", "--vfio-prop", "x-no-kvm-msi=on", "--reprogram", "3",
+                   "--cpus", "4", "--results", str(tmp_path / "r"), "--dry-run"])  # fmt: skip
     assert rc == 0
     argv = shlex.split(capsys.readouterr().out.strip())
     assert (tmp_path / "inner" / "initramfs.cpio").is_file(), "built on the host"
@@ -271,6 +294,8 @@ def test_kvmlu_qemu_on_the_host_boots_the_test_vm(
     assert value_of(command, "--module") == str(ko)
     assert value_of(command, "--vfio-prop") == "x-no-kvm-msi=on"
     assert value_of(command, "--qemu") == str(qrun.default_qemu())
+    assert value_of(command, "--reprogram") == "3"
+    assert value_of(command, "--cpus") == "4"
 
 
 def test_kvmlu_qemu_shares_a_qemu_the_guest_cannot_see(
@@ -286,7 +311,39 @@ def test_kvmlu_qemu_shares_a_qemu_the_guest_cannot_see(
     assert "--rodir" not in qcli.vm_argv(args, tmp_path / "initramfs.cpio")
 
 
+def test_kvmlu_qemu_loads_the_modules_for_the_kvmlu_path(tmp_path: Path) -> None:
+    args = cli.build_parser().parse_args(["qemu", "--irqchip", "on,kvmlu"])
+    assert "--no-modules" not in qcli.vm_argv(args, tmp_path / "initramfs.cpio")
+    args = cli.build_parser().parse_args(["qemu", "--irqchip", "on,off"])
+    assert "--no-modules" in qcli.vm_argv(args, tmp_path / "initramfs.cpio")
+
+
+def test_kvmlu_qemu_passes_cpus_and_reprogram_to_run_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[qrun.InnerOptions, int]] = []
+
+    def fake_run_mode(opts: qrun.InnerOptions, *a: object, **kw: Any) -> qcheck.ModeReport:
+        seen.append((opts, kw["reprogram_raises"]))
+        return qcheck.ModeReport(mode=opts.mode, qemu=str(opts.qemu), bdf=opts.bdf)
+
+    ko = tmp_path / "edu_count.ko"
+    ko.write_bytes(FAKE_KO)
+    monkeypatch.setenv("KVMLU_IN_VM", "1")
+    monkeypatch.setenv("KVMLU_EDU", "0000:00:0a.0")
+    monkeypatch.setenv("KVMLU_RESULTS", str(tmp_path / "r"))
+    monkeypatch.setattr(qrun, "check_host", lambda qemu, bdf: None)
+    monkeypatch.setattr(qrun, "find_kernel_image", lambda release: tmp_path / "vmlinuz")
+    monkeypatch.setattr(qrun, "mode_settings", lambda mode, qemu: ("on", False, False, None))
+    monkeypatch.setattr(qcheck, "run_mode", fake_run_mode)
+    monkeypatch.setattr(qguest, "build_initramfs", lambda out, module: out)
+    cli.main(["qemu", "--module", str(ko), "--irqchip", "on", "--cpus", "3", "--reprogram", "5"])
+    [(opts, reprogram)] = seen
+    assert (opts.cpus, reprogram) == (3, 5)
+
+
 def test_kvmlu_qemu_rejects_bad_counts() -> None:
     assert cli.main(["qemu", "--guest-raises", "300"]) == 2
+    assert cli.main(["qemu", "--cpus", "1"]) == 2, "--reprogram needs two CPUs"
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["qemu", "--irqchip", "on,maybe"])

@@ -28,11 +28,17 @@ from pathlib import Path
 import pytest
 
 from pyctl.qemu import guest as qguest
+from pyctl.qemu import reprogram
 from pyctl.qemu import run as qrun
 from pyctl.qemu.check import ModeReport, run_mode, workdir
 
 RAISES = 100
 GUEST_RAISES = 50
+#: MSIs raised after each of the guest's changes to its MSI (pyctl.qemu.reprogram).
+REPROGRAM_RAISES = 10
+#: The kvmlu object's device node in the boot that checks the fallback.
+ABSENT_DEVICE = "/dev/kvmlu-absent"
+FALLBACK_RAISES = 20
 BOOT_TIMEOUT = 600.0
 
 QEMU = Path(os.environ.get("KVMLU_QEMU") or qrun.default_qemu())
@@ -82,8 +88,16 @@ def booted(request: pytest.FixtureRequest, initrd: Path) -> Iterator[ModeReport]
         kvmlu=kvmlu,
         userspace_lapic=userspace_lapic,
         qemu=QEMU,
+        cpus=2,
     )
-    rep = run_mode(opts, RAISES, GUEST_RAISES, boot_timeout=BOOT_TIMEOUT, keep_logs=results)
+    rep = run_mode(
+        opts,
+        RAISES,
+        GUEST_RAISES,
+        boot_timeout=BOOT_TIMEOUT,
+        keep_logs=results,
+        reprogram_raises=REPROGRAM_RAISES,
+    )
     (results / f"qemu-guest-{mode}.json").write_text(json.dumps(rep.to_json(), indent=2))
     print(f"\n{rep.text()}")
     yield rep
@@ -96,6 +110,58 @@ def test_inner_guest_boots_and_binds_edu(booted: ModeReport) -> None:
     assert booted.guest_bdf, booted.text()
 
 
+@pytest.fixture(scope="module")
+def fallback(initrd: Path) -> ModeReport:
+    """A boot with the kvmlu object whose device node does not exist."""
+    if "kvmlu" not in PATHS:
+        pytest.skip("the kvmlu path is not among KVMLU_QEMU_PATHS")
+    irqchip, kvmlu, userspace_lapic, problem = qrun.mode_settings("kvmlu", QEMU)
+    if problem:
+        pytest.skip(problem)
+    results = Path(os.environ.get("KVMLU_RESULTS") or workdir())
+    opts = qrun.InnerOptions(
+        bdf=os.environ["KVMLU_EDU"].split(",")[-1],
+        kernel=qrun.find_kernel_image(qguest.module_release(qguest.EDU_COUNT_KO)),
+        initrd=initrd,
+        workdir=workdir() / "kvmlu-nodev",
+        irqchip=irqchip,
+        kvmlu=kvmlu,
+        kvmlu_path=ABSENT_DEVICE,
+        userspace_lapic=userspace_lapic,
+        qemu=QEMU,
+    )
+    rep = run_mode(opts, FALLBACK_RAISES, 0, boot_timeout=BOOT_TIMEOUT, keep_logs=results)
+    print(f"\n{rep.text()}")
+    return rep
+
+
+def test_qemu_holds_kvmlu_descriptors_only_on_the_kvmlu_path(booted: ModeReport) -> None:
+    # Verifies: without the kvmlu object QEMU opens nothing of kvmlu's (no
+    # /dev/kvmlu, no table, no binding); with it, one device, one table and
+    # a binding; no path makes QEMU warn.
+    fds = booted.qemu_kvmlu_fds
+    assert fds is not None, booted.text()
+    if booted.mode == "kvmlu":
+        assert fds["device"] == fds["table"] == 1 and fds["binding"] >= 1, booted.text()
+    else:
+        assert fds == {"device": 0, "table": 0, "binding": 0}, booted.text()
+    assert booted.qemu_warnings == [], booted.text()
+
+
+def test_without_the_kvmlu_device_qemu_delivers_itself(fallback: ModeReport) -> None:
+    # Verifies: with the kvmlu object but no device node, QEMU says once
+    # that the vector is delivered by QEMU, holds no kvmlu descriptor, kvmlu
+    # sees no signal, and the guest still counts every MSI exactly once.
+    r = fallback.host_raises
+    assert fallback.error is None and r is not None, fallback.text()
+    assert r.counted == r.raised == FALLBACK_RAISES and r.timeouts == 0, fallback.text()
+    assert fallback.qemu_kvmlu_fds == {"device": 0, "table": 0, "binding": 0}, fallback.text()
+    assert fallback.kvmlu is not None and fallback.kvmlu["signals"] == 0, fallback.text()
+    said = [w for w in fallback.qemu_warnings if "is delivered by QEMU" in w]
+    assert len(said) == 1 and ABSENT_DEVICE in said[0], fallback.text()
+    assert fallback.klog_findings == [], fallback.text()
+
+
 def test_guest_counts_every_msi_raised_through_the_bar(booted: ModeReport) -> None:
     # Verifies: N MSIs raised by the nested host, spaced so none coalesce, are
     # counted exactly N times by the guest: none lost, none extra.
@@ -103,6 +169,27 @@ def test_guest_counts_every_msi_raised_through_the_bar(booted: ModeReport) -> No
     assert r is not None, booted.text()
     assert r.timeouts == 0, booted.text()
     assert r.counted == r.raised == RAISES, booted.text()
+
+
+def test_guest_moves_masks_and_turns_off_its_msi(booted: ModeReport) -> None:
+    # Verifies: the guest points its MSI at CPU 1 and back, disables the IRQ
+    # and turns MSI off and on; after each change every MSI raised by the
+    # nested host is counted exactly once, on the CPU the guest chose. An MSI
+    # raised while the IRQ is disabled does not run the handler until it is
+    # enabled, then runs it once. On the kvmlu path QEMU's one active binding
+    # posts exactly the vector and vCPU the guest programmed, none is active
+    # while MSI is off, and kvmlu consumed one signal per raise.
+    assert [ph.name for ph in booted.phases] == [name for name, _ in reprogram.PHASES], (
+        booted.text()
+    )
+    assert all(ph.ok for ph in booted.phases), booted.text()
+    moved = booted.phases[1]
+    assert moved.handler_cpu == 1 and moved.counted == REPROGRAM_RAISES, booted.text()
+    masked = booted.phases[2]
+    assert masked.held and masked.counted == 1, booted.text()
+    if booted.mode == "kvmlu":
+        assert all(ph.bindings for ph in booted.phases), booted.text()
+        assert booted.phases[3].off_bindings is not None, booted.text()
 
 
 def test_guest_raised_msis_all_arrive(booted: ModeReport) -> None:
