@@ -45,12 +45,12 @@ QEMU_CACHE ?= /var/cache/kvmlu/qemu
 # The binary of the last build, copied into the checkout for the test VM.
 QEMU_BIN := $(CURDIR)/build/qemu/qemu-system-x86_64
 
-.PHONY: all deps venv modules guest-module test test-host test-kernel test-qemu test-debug lint demo bench fuzz qemu clean help
+.PHONY: all deps venv modules guest-module test test-host test-kernel test-qemu test-debug lint demo bench bench-qemu fuzz qemu clean help
 
 all: modules
 
 help:
-	@echo "make demo | test | test-host | test-kernel | test-qemu | test-debug | bench | fuzz | qemu | modules | lint | clean"
+	@echo "make demo | test | test-host | test-kernel | test-qemu | test-debug | bench | bench-qemu | fuzz | qemu | modules | lint | clean"
 
 # Debian packages, installed only when one is missing.
 deps: $(STAMPS)/apt
@@ -184,6 +184,20 @@ bench: deps venv $(STAMPS)/bench
 	$(KVMLU) bench report results/bench/upgrade.json \
 		--markdown docs/bench/upgrade-table.md --png docs/bench/upgrade.png
 	cp results/bench/upgrade.json docs/bench/upgrade.json
+	@$(MAKE) --no-print-directory bench-qemu
+
+# The nested guest's own MSI latency on the three interrupt paths (on, off,
+# kvmlu), BENCH_QEMU_INTERRUPTS per path, and the host CPU per interrupt.
+BENCH_QEMU_INTERRUPTS ?= 1000
+
+bench-qemu: deps venv
+	@$(MAKE) --no-print-directory _modules
+	@$(MAKE) --no-print-directory qemu
+	$(KVMLU) vm --kernel $(KVER) --edu 1 --timeout 7200 --results $(CURDIR)/results/bench \
+		$(VM_ARGS) -- $(CURDIR)/$(KVMLU) bench qemu --interrupts $(BENCH_QEMU_INTERRUPTS) \
+		--json $(CURDIR)/results/bench/qemu-latency.json \
+		--markdown $(CURDIR)/docs/bench/qemu-latency.md
+	cp results/bench/qemu-latency.json docs/bench/qemu-latency.json
 
 clean:
 	-[ -z "$(KVER)" ] || $(MAKE) -C $(KDIR) M=$(CURDIR) clean

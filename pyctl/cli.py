@@ -16,7 +16,9 @@ from pyctl import swap as swap_mod
 from pyctl.edu import Edu, find_vfio_edu
 from pyctl.errors import KvmluError
 from pyctl.kvmlu import DEVICE_PATH, Device
+from pyctl.qemu import bench as qbench
 from pyctl.qemu import cli as qemu_cli
+from pyctl.qemu import upgrade_cli as qemu_upgrade
 from pyctl.status import print_status, status_dict
 from pyctl.vapic import VapicDevice
 
@@ -167,6 +169,12 @@ def _add_bench(sub: Any) -> None:
     bench_upgrade.add_arguments(b)
     b.set_defaults(func=bench_upgrade.bench)
     b = bsub.add_parser(
+        "qemu",
+        help="the nested guest's own MSI latency and host CPU per MSI on each interrupt path",
+        description=qbench.__doc__.split("\n\n")[0] if qbench.__doc__ else None,
+    )
+    qbench.add_arguments(b)
+    b = bsub.add_parser(
         "report",
         help="the upgrade benchmark's JSON as a Markdown table and a PNG plot (host)",
     )
@@ -276,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
         "machine it boots the test VM first.",
     )
     qemu_cli.add_arguments(p)
+
+    p = sub.add_parser(
+        "qemu-upgrade",
+        help="live-upgrade the nested guest's QEMU with cpr-transfer, kvmlu against stock",
+        description=(qemu_upgrade.__doc__ or "").split("\n\n")[1].replace("\n", " "),
+    )
+    qemu_upgrade.add_arguments(p)
     return parser
 
 

@@ -1,0 +1,83 @@
+"""kvmlu bench qemu: its arithmetic, its table, and every option reaching its code."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from pyctl import cli
+from pyctl.qemu import bench as qbench
+from pyctl.qemu import guest as qguest
+from pyctl.qemu import run as qrun
+
+
+def test_percentile_is_nearest_rank() -> None:
+    us = [float(x) for x in range(1, 11)]
+    assert qbench.percentile(us, 0.9) == 9.0
+    assert qbench.percentile(us, 1.0) == 10.0
+    assert qbench.percentile([5.0], 0.9) == 5.0
+
+
+def test_summary_subtracts_the_idle_stretch() -> None:
+    r = qbench.PathResult("kvmlu", interrupts=4, samples_ns=[1000, 2000, 3000, 40000])
+    r.qemu_cpu_seconds, r.idle_qemu_cpu_seconds = 0.010, 0.002
+    r.host_cpu_seconds, r.idle_host_cpu_seconds = 0.030, 0.010
+    s = r.summary()
+    assert s["p50_us"] == 2.5 and s["max_us"] == 40.0
+    assert s["qemu_cpu_us_per_irq"] == pytest.approx(2000.0)
+    assert s["host_cpu_us_per_irq"] == pytest.approx(5000.0)
+    assert qbench.PathResult("on").summary() == {}
+
+
+def test_cpu_readers_read_this_process() -> None:
+
+    assert qbench.proc_cpu_seconds(os.getpid()) >= 0.0
+    assert qbench.host_busy_seconds() > 0.0
+
+
+def test_options_reach_measure_and_the_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[qrun.InnerOptions, int, float]] = []
+
+    def fake_measure(opts: qrun.InnerOptions, n: int, boot_timeout: float) -> qbench.PathResult:
+        seen.append((opts, n, boot_timeout))
+        return qbench.PathResult(opts.mode, interrupts=n, samples_ns=[1000] * n)
+
+    qemu = tmp_path / "qemu"
+    monkeypatch.setenv("KVMLU_EDU", "0000:00:09.0,0000:00:0a.0")
+    monkeypatch.setattr(qrun, "check_host", lambda q, bdf: None)
+    monkeypatch.setattr(qguest, "module_release", lambda ko=None: "6.1.0-test")
+    monkeypatch.setattr(qrun, "find_kernel_image", lambda release: tmp_path / "vmlinuz")
+    monkeypatch.setattr(qguest, "build_initramfs", lambda out, *a: out)
+    monkeypatch.setattr(
+        qrun,
+        "mode_settings",
+        lambda mode, q: (
+            "off" if mode != "on" else "on",
+            mode == "kvmlu",
+            mode != "on",
+            None,
+        ),
+    )
+    monkeypatch.setattr(qrun, "qemu_version", lambda q: (10, 2, 2))
+    monkeypatch.setattr(qbench, "measure", fake_measure)
+    out, md = tmp_path / "q.json", tmp_path / "q.md"
+    rc = cli.main(["bench", "qemu", "--interrupts", "7", "--paths", "on,kvmlu",
+                   "--device", "0000:00:09.0", "--qemu", str(qemu), "--boot-timeout", "99",
+                   "--json", str(out), "--markdown", str(md)])  # fmt: skip
+    assert rc == 0
+    assert [(o.mode, n, t) for o, n, t in seen] == [("on", 7, 99.0), ("kvmlu", 7, 99.0)]
+    assert all(o.bdf == "0000:00:09.0" and o.qemu == qemu for o, _, _ in seen)
+    doc = json.loads(out.read_text())
+    assert [p["path"] for p in doc["paths"]] == ["on", "kvmlu"]
+    assert doc["qemu_version"] == "10.2.2"
+    assert "| kvmlu | 7 | 1 | 1 | 1 |" in md.read_text()
+
+
+def test_bad_paths_are_refused() -> None:
+    assert cli.main(["bench", "qemu", "--paths", "on,maybe"]) == 2
+    assert cli.main(["bench", "qemu", "--interrupts", "0"]) == 2
