@@ -36,7 +36,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pyctl.livevmm import STRATEGIES, Optimisations
+from pyctl.argtypes import int_range
+from pyctl.errors import RunError, SetupError
+from pyctl.livevmm import STRATEGIES, Optimisations, max_vcpus
 from pyctl.upgrade import (
     LAND_TIMEOUT,
     Downtime,
@@ -50,6 +52,7 @@ from pyctl.upgrade import (
 from pyctl.vm import SCRATCH_SERIAL
 
 WORKLOADS = ("idle", "cpu", "memory", "disk")
+EDUS = 3  # edu functions each run streams MSIs from
 ABLATIONS = ("no-prestart", "no-concurrent", "no-keep-eventfds", "no-realtime", "no-keep-vapic")
 
 
@@ -63,7 +66,7 @@ def scratch_disk() -> str:
                     subprocess.run(["mknod", str(dev), "b", *_devnum(serial.parent)], check=True)
                 return str(dev)
         subprocess.run(["modprobe", "virtio_blk"], check=False)
-    raise RuntimeError("no scratch disk: boot the VM with --scratch-disk")
+    raise SetupError("no scratch disk: boot the VM with --scratch-disk")
 
 
 def _devnum(block: Path) -> list[str]:
@@ -139,7 +142,7 @@ def stop_tree(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while left := [pid for pid in doomed if _alive(pid)]:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"workload processes {left} outlived SIGKILL")
+            raise RunError(f"workload processes {left} outlived SIGKILL")
         time.sleep(0.05)
 
 
@@ -151,17 +154,17 @@ def workload(name: str) -> Iterator[None]:
         yield
         return
     if shutil.which(argv[0]) is None:
-        raise RuntimeError(f"{argv[0]} is not installed (make bench installs it)")
+        raise SetupError(f"{argv[0]} is not installed (make bench installs it)")
     # The guest's root is read-only: workloads run in /tmp.
     proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL, cwd="/tmp")
     try:
         time.sleep(2)  # let it start: a workload that exits at once is an error
         if proc.poll() is not None:
-            raise RuntimeError(f"workload {name} exited with {proc.returncode}")
+            raise RunError(f"workload {name} exited with {proc.returncode}")
         yield
         # And one that died during the run made the run a lie.
         if proc.poll() is not None:
-            raise RuntimeError(f"workload {name} exited with {proc.returncode} during the run")
+            raise RunError(f"workload {name} exited with {proc.returncode} during the run")
     finally:
         stop_tree(proc)
 
@@ -322,7 +325,7 @@ def bench(args: argparse.Namespace) -> int:
     if done:
         print(f"resuming {out}: {len(done)} rows measured, {len(todo)} in this matrix", flush=True)
     todo = [c for c in todo if (c[0], c[1], c[2], Optimisations.parse(c[3]).label()) not in done]
-    edus = open_edus(3)
+    edus = open_edus(EDUS)
     started = time.monotonic()
     zygote: Zygote | None = None
     try:
@@ -522,10 +525,21 @@ def report(args: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--vcpus", type=int, nargs="+", default=[8, 64, 88])
-    p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
-    p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
-    p.add_argument("--upgrades", type=int, default=50, help="upgrades per run (default: 50)")
+    p.add_argument(
+        "--vcpus",
+        type=int_range(1, max_vcpus(EDUS)),
+        nargs="+",
+        default=[8, 64, 88],
+        help=f"vCPU counts (the handoff of {EDUS} edu functions leaves room for "
+        f"{max_vcpus(EDUS)} vCPUs in one message)",
+    )
+    p.add_argument(
+        "--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS), help="workloads"
+    )
+    p.add_argument(
+        "--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES), help="strategies"
+    )
+    p.add_argument("--upgrades", type=int_range(1), default=50, help="upgrades per run")
     p.add_argument("--no-ablations", action="store_true", help="skip the one-off-at-a-time runs")
     p.add_argument(
         "--ablation-workloads",

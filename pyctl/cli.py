@@ -1,35 +1,85 @@
-"""The ``kvmlu`` command line: one parser, a subcommand per job."""
+"""The ``kvmlu`` command line: one parser, a subcommand per job.
+
+An error is one line on stderr; the exit status says what kind (:data:`EPILOG`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
 import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from pyctl import bench_irq, bench_upgrade, check, demo, livevmm, upgrade, vm
 from pyctl import swap as swap_mod
+from pyctl.argtypes import int_range
 from pyctl.edu import Edu, find_vfio_edu
-from pyctl.errors import KvmluError
+from pyctl.errors import KvmluError, SetupError, UsageError
 from pyctl.kvmlu import DEVICE_PATH, Device
+from pyctl.qemu import QemuError
 from pyctl.qemu import bench as qbench
 from pyctl.qemu import cli as qemu_cli
 from pyctl.qemu import upgrade_cli as qemu_upgrade
 from pyctl.status import print_status, status_dict
+from pyctl.uapi import lib
 from pyctl.vapic import VapicDevice
+
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_USAGE = 2
+EXIT_ERROR = 3
+EPILOG = (
+    "exit status: 0 done; 1 a check failed (interrupts lost, spurious or duplicated, "
+    "a guest miscounted); 2 usage error; 3 environment or runtime error (kvmlu.ko not "
+    "loaded, no edu device, a failed ioctl, a VMM or guest that went wrong)"
+)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show each option's default, unless it has none or its help names it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if default is None or default is False or default == [] or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of ``kvmlu`` and of each subcommand: defaults in the help, a
+    usage error in one line."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def version() -> str:
+    """The installed package's version (pyproject.toml), or ``unknown`` if not installed."""
+    try:
+        return importlib.metadata.version("kvmlu")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def open_device() -> Device:
+    """``/dev/kvmlu``, or a SetupError that says the module is not loaded."""
+    try:
+        return Device()
+    except FileNotFoundError:
+        raise SetupError(f"kvmlu.ko is not loaded ({DEVICE_PATH} is missing)") from None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    try:
-        dev = Device()
-    except FileNotFoundError:
-        print(f"kvmlu.ko is not loaded ({DEVICE_PATH} is missing)", file=sys.stderr)
-        return 1
-    with dev:
+    with open_device() as dev:
         if args.json:
             print(json.dumps(status_dict(dev), indent=2))
         else:
@@ -38,12 +88,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    with Device() as dev:
+    with open_device() as dev:
         return demo.run(dev)
 
 
 def cmd_sessions(args: argparse.Namespace) -> int:
-    with Device() as dev:
+    with open_device() as dev:
         entries = dev.list_sessions()
     if args.json:
         print(json.dumps([dataclasses.asdict(e) for e in entries], indent=2))
@@ -67,18 +117,20 @@ def _edu_bdf(requested: str | None) -> str:
     bdfs = find_vfio_edu()
     if requested:
         if requested not in bdfs:
-            raise SystemExit(f"kvmlu: {requested} is not an edu device on vfio-pci ({bdfs})")
+            raise SetupError(f"{requested} is not an edu device on vfio-pci ({bdfs})")
         return requested
     if not bdfs:
-        raise SystemExit("kvmlu: no edu device bound to vfio-pci (run inside `kvmlu vm`)")
+        raise SetupError("no edu device bound to vfio-pci (run inside `kvmlu vm`)")
     return bdfs[0]
 
 
 def cmd_bind(args: argparse.Namespace) -> int:
     """Bind an edu device's MSI to a new table, raise, and show what arrived."""
+    if args.vcpu >= args.vcpus:
+        raise UsageError(f"--vcpu {args.vcpu}: the table has vCPUs 0..{args.vcpus - 1}")
     bdf = _edu_bdf(args.device)
-    notify = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    with Device() as dev, Edu(bdf) as edu, dev.create_table(args.vcpus) as table:
+    with open_device() as dev, Edu(bdf) as edu, dev.create_table(args.vcpus) as table:
+        notify = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         msi = edu.enable_msi()
         try:
             table.set_notify(args.vcpu, notify, nv=0xF2, ndst=args.vcpu)
@@ -111,7 +163,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_swap(args: argparse.Namespace) -> int:
     """Build a VM's worth of tables with vAPIC state on --from, swap it to --to."""
     with (
-        Device() as dev,
+        open_device() as dev,
         VapicDevice(args.from_version) as src,
         VapicDevice(args.to_version) as dst,
     ):
@@ -142,10 +194,6 @@ def _vapic_version(text: str) -> int:
     return int(text.removeprefix("v"))
 
 
-def _vector(text: str) -> int:
-    return int(text, 0)
-
-
 def _add_bench(sub: Any) -> None:
     """``kvmlu bench`` and its benchmarks."""
     p = sub.add_parser("bench", help="benchmarks (inside the test VM)")
@@ -155,7 +203,7 @@ def _add_bench(sub: Any) -> None:
         help="edu MSIs through a kvmlu binding versus a userspace interrupt thread",
     )
     b.add_argument("--device", metavar="BDF", help="edu PCI function (default: the first)")
-    b.add_argument("--samples", type=int, default=2000, help="latency samples per path")
+    b.add_argument("--samples", type=int_range(1), default=2000, help="latency samples per path")
     b.add_argument("--seconds", type=float, default=4.0, help="throughput time per path")
     b.add_argument("--json", metavar="PATH", help="write the results here")
     b.set_defaults(func=cmd_bench)
@@ -181,12 +229,13 @@ def _add_bench(sub: Any) -> None:
     bench_upgrade.add_report_arguments(b)
     b.set_defaults(func=bench_upgrade.report)
 
+    # Internal: the upgrade starts it. No help= keeps it out of the listing.
     p = sub.add_parser(
         "vmm",
-        help="the test VMM of a live upgrade, driven over a control socket",
-        description="Own a descriptor table for V vCPUs, a vAPIC, VFIO devices with "
-        "their MSI bindings, and V vCPU threads that sync, ack and EOI; answer the "
-        "upgrade's commands on the control socket (see pyctl.livevmm).",
+        description="The test VMM of a live upgrade, driven over a control socket (internal: "
+        "kvmlu upgrade starts it). Own a descriptor table for V vCPUs, a vAPIC, VFIO "
+        "devices with their MSI bindings, and V vCPU threads that sync, ack and EOI; "
+        "answer the upgrade's commands on the control socket (see pyctl.livevmm).",
     )
     livevmm.add_arguments(p)
     p.set_defaults(func=livevmm.main)
@@ -204,10 +253,12 @@ def _add_bench(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="kvmlu",
         description="Control kvmlu: posted-interrupt descriptors that survive a VMM upgrade.",
+        epilog=EPILOG,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
 
     p = sub.add_parser("status", help="what kvmlu.ko reports")
@@ -236,10 +287,26 @@ def build_parser() -> argparse.ArgumentParser:
         "vector pending in PIR, move every table's vAPIC to the other version, check "
         "that IRR, ISR and PIR arrived intact, and print how long each step took.",
     )
-    p.add_argument("--from", dest="from_version", type=_vapic_version, default=1, metavar="v1|v2")
-    p.add_argument("--to", dest="to_version", type=_vapic_version, default=2, metavar="v1|v2")
-    p.add_argument("--tables", type=int, default=1, help="tables (default: 1)")
-    p.add_argument("--vcpus", type=int, default=8, help="vCPUs per table (default: 8)")
+    p.add_argument(
+        "--from",
+        dest="from_version",
+        type=_vapic_version,
+        default=1,
+        metavar="v1|v2",
+        help="module version the state starts on",
+    )
+    p.add_argument(
+        "--to",
+        dest="to_version",
+        type=_vapic_version,
+        default=2,
+        metavar="v1|v2",
+        help="module version it moves to",
+    )
+    p.add_argument("--tables", type=int_range(1), default=1, help="tables")
+    p.add_argument(
+        "--vcpus", type=int_range(1, lib.KVMLU_MAX_VCPUS), default=8, help="vCPUs per table"
+    )
     p.add_argument("--unload", action="store_true", help="rmmod the old module afterwards")
     p.set_defaults(func=cmd_swap)
 
@@ -254,11 +321,21 @@ def build_parser() -> argparse.ArgumentParser:
         "counters and the descriptor. Inside the test VM.",
     )
     p.add_argument("--device", metavar="BDF", help="edu PCI function (default: the first)")
-    p.add_argument("--vcpus", type=int, default=8, help="table size (default: 8)")
-    p.add_argument("--vcpu", type=int, default=0, help="vCPU to post to (default: 0)")
-    p.add_argument("--vector", type=_vector, default=0x51, help="vector (default: 0x51)")
+    p.add_argument("--vcpus", type=int_range(1, lib.KVMLU_MAX_VCPUS), default=8, help="table size")
+    p.add_argument("--vcpu", type=int_range(0), default=0, help="vCPU to post to")
     p.add_argument(
-        "--raise", dest="raise_count", type=int, default=3, metavar="N", help="MSIs to raise"
+        "--vector",
+        type=int_range(lib.KVMLU_VECTOR_MIN, lib.KVMLU_VECTOR_MAX),
+        default=0x51,
+        help="vector (default: 0x51)",
+    )
+    p.add_argument(
+        "--raise",
+        dest="raise_count",
+        type=int_range(0),
+        default=3,
+        metavar="N",
+        help="MSIs to raise",
     )
     p.set_defaults(func=cmd_bind)
 
@@ -295,12 +372,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``kvmlu``; the exit status is one of :data:`EPILOG`'s."""
     args = build_parser().parse_args(argv)
+    prog = " ".join(["kvmlu", args.subcommand, *([args.bench] if "bench" in args else [])])
     try:
         return int(args.func(args))
-    except KvmluError as e:
-        print(f"kvmlu: {e}", file=sys.stderr)
-        return 1
+    except UsageError as e:
+        print(f"{prog}: {_one_line(e)} (see {prog} --help)", file=sys.stderr)
+        return EXIT_USAGE
+    except (KvmluError, QemuError, OSError) as e:
+        print(f"{prog}: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _one_line(e: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or repr(e)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Exceptions raised by pyctl.
 
-Every failure of a kvmlu ioctl is raised as a subclass of one root, chosen by
-errno in one table (:data:`ERRNO_CLASSES`) rather than at each call site::
+Everything pyctl raises for a failure is a subclass of one root. A kvmlu
+ioctl's failure is chosen by errno in one table (:data:`ERRNO_CLASSES`) rather
+than at each call site; the rest name what went wrong, not an errno::
 
     KvmluError (OSError)
      +-- UnknownCommandError        ENOTTY: not a command of this file
@@ -15,6 +16,16 @@ errno in one table (:data:`ERRNO_CLASSES`) rather than at each call site::
      +-- ExistsError                EEXIST
      +-- OutOfMemoryError           ENOMEM
      +-- ClosedError                the Python object was closed already
+     +-- UsageError                 options that do not fit together (exit 2)
+     +-- SetupError                 the machine lacks what is needed: the module,
+     |                              an edu device on vfio-pci, a tool
+     +-- RunError (RuntimeError)    a run went wrong: a VMM, a workload, a state
+     |    +-- pyctl.upgrade.VmmError
+     +-- pyctl.vm.VmError           the test VM cannot be set up as asked
+
+Misuse of an API (a wrong type, an impossible value passed by code) stays a
+ValueError or TypeError. ``pyctl.qemu.QemuError`` has its own root (it is not
+an OSError); ``kvmlu`` reports both alike.
 """
 
 from __future__ import annotations
@@ -72,6 +83,18 @@ class ClosedError(KvmluError):
 
     def __init__(self, what: str) -> None:
         super().__init__(errno.EBADF, f"{what} is closed")
+
+
+class UsageError(KvmluError):
+    """A command's options do not fit together; ``kvmlu`` exits 2, as for argparse."""
+
+
+class SetupError(KvmluError):
+    """The machine lacks what a command needs: kvmlu.ko, an edu device, a tool."""
+
+
+class RunError(KvmluError, RuntimeError):
+    """A run went wrong: a VMM, a workload, or the state one side left."""
 
 
 ERRNO_CLASSES: dict[int, type[KvmluError]] = {

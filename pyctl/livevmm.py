@@ -60,11 +60,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pyctl import handoff
+from pyctl.errors import RunError
 from pyctl.kvmlu import Binding, Device, Table
 from pyctl.uapi import lib
 from pyctl.vapic import Vapic, VapicDevice
 from pyctl.vfio import VfioPciDevice
-from pyctl.vmm import recv_msg, send_msg
+from pyctl.vmm import SCM_MAX_FD, recv_msg, send_msg
 
 STRATEGIES = ("naive", "inject", "cpr", "shared")
 NOTIFY_VECTOR = 0xF2
@@ -73,6 +74,18 @@ CONFIG_BYTES = 64  # the standard PCI header: what a device's "state" is here
 _HDR = struct.Struct("<QQ")  # vAPIC blob length, device state length
 _STATE_LEN = struct.Struct("<Q")  # the header's second field alone
 SETTLE_TIMEOUT = 60.0  # a hang guard: a running vCPU thread SYNCs within ms
+
+
+def handoff_fds(nr_vcpus: int, nr_devices: int) -> int:
+    """The most fds one handoff carries in its one message (see :meth:`LiveVmm.export`):
+    per device its VFIO fd, MSI eventfd and binding; per vCPU its notification
+    eventfd; the table, the vAPIC, the state memfd and the ready eventfd."""
+    return 3 * nr_devices + nr_vcpus + 4
+
+
+def max_vcpus(nr_devices: int) -> int:
+    """The most vCPUs whose handoff with ``nr_devices`` fits in one SCM_RIGHTS message."""
+    return SCM_MAX_FD - handoff_fds(0, nr_devices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +124,9 @@ class Optimisations:
         for item in text.split(","):
             name = item.strip().removeprefix("no-")
             if not item.strip().startswith("no-") or name not in names:
-                raise ValueError(f"optimisations: {item!r} is not all, none or no-NAME")
+                raise ValueError(
+                    f"{item!r} is not all, none or no-NAME, NAME one of {', '.join(sorted(names))}"
+                )
             off[name.replace("-", "_")] = False
         return cls(**off)
 
@@ -366,7 +381,7 @@ class LiveVmm:
         """
         with self.cond:
             if self.stopping:
-                raise RuntimeError("settle: the vCPUs do not run")
+                raise RunError("settle: the vCPUs do not run")
         t0 = time.monotonic()
         for fd in self.notify:
             os.eventfd_write(fd, 1)
@@ -377,7 +392,7 @@ class LiveVmm:
             if not behind:
                 return {"settle": t0, "settled": time.monotonic()}
             if time.monotonic() > deadline:
-                raise RuntimeError(f"settle: vCPUs {behind[:8]} did not SYNC in {timeout:g} s")
+                raise RunError(f"settle: vCPUs {behind[:8]} did not SYNC in {timeout:g} s")
             time.sleep(0.001)
 
     def _exit_threads(self) -> None:
@@ -620,7 +635,7 @@ class LiveVmm:
             # must be the one it was saved from (vendor and device ID, read
             # in prepare: they do not change).
             if saved[:4] != ids:
-                raise RuntimeError(f"device {i}: saved state is of another device")
+                raise RunError(f"device {i}: saved state is of another device")
         self.config = bytes(config)
         t_loaded = time.monotonic()
         use["loaded"] = _thread_use()
@@ -651,7 +666,7 @@ class LiveVmm:
         assert self.state_map is not None
         h: tuple[int, int] = _HDR.unpack_from(self.state_map, 0)
         if not ready(h):
-            raise RuntimeError(f"ready signal but no saved state: header {h}")
+            raise RunError(f"ready signal but no saved state: header {h}")
         return h
 
     def _drop_state(self) -> None:
@@ -818,15 +833,24 @@ def add_optimisations_argument(p: argparse.ArgumentParser) -> None:
     names = ",".join("no-" + f.name.replace("_", "-") for f in dataclasses.fields(Optimisations))
     p.add_argument(
         "--optimisations",
+        type=optimisations_spec,
         default="all",
         metavar="SPEC",
         help=f"all, none, or all but some of: {names} (default: all)",
     )
 
 
+def optimisations_spec(text: str) -> str:
+    """argparse type of ``--optimisations``: the spec as :meth:`Optimisations.label` spells it."""
+    try:
+        return Optimisations.parse(text).label()
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-fd", type=int, required=True, help="SEQPACKET control socket")
-    p.add_argument("--strategy", choices=STRATEGIES, default="shared")
+    p.add_argument("--strategy", choices=STRATEGIES, default="shared", help="handover strategy")
     p.add_argument("--vapic", type=int, choices=(1, 2), default=2, help="vAPIC module version")
     add_optimisations_argument(p)
 

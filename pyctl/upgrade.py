@@ -44,17 +44,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pyctl.argtypes import int_range
 from pyctl.check import Fetch, Raise, Report, check, dump_log
 from pyctl.edu import Edu, find_vfio_edu
-from pyctl.errors import KvmluError
+from pyctl.errors import KvmluError, RunError, SetupError, UsageError
 from pyctl.livevmm import (
     STRATEGIES,
     LiveVmm,
     Optimisations,
     add_optimisations_argument,
+    handoff_fds,
+    max_vcpus,
     serve,
 )
-from pyctl.vmm import recv_msg, send_msg
+from pyctl.vmm import SCM_MAX_FD, recv_msg, send_msg
 
 LAND_TIMEOUT = 5.0
 REPLY_TIMEOUT = 120.0
@@ -70,7 +73,7 @@ def targets_for(nr_vcpus: int, nr_devices: int) -> list[tuple[int, int]]:
     return out
 
 
-class VmmError(RuntimeError):
+class VmmError(RunError):
     """A VMM refused a command or went away; ``handle`` says which."""
 
     def __init__(self, message: str, handle: VmmHandle | None = None) -> None:
@@ -239,7 +242,7 @@ class Raiser:
         for c in self._counters.values():
             c.close()
         if self.error:
-            raise RuntimeError(self.error)
+            raise RunError(self.error)
 
     def _run(self) -> None:
         i = 0
@@ -310,7 +313,7 @@ class MsiCounter:
     def _open(self) -> int:
         irq = msi_irq(self.bdf)
         if irq is None:
-            raise RuntimeError(f"{self.bdf}: no VFIO MSI enabled")
+            raise RunError(f"{self.bdf}: no VFIO MSI enabled")
         self._fd = os.open(f"/sys/kernel/irq/{irq}/per_cpu_count", os.O_RDONLY | os.O_CLOEXEC)
         return self._fd
 
@@ -581,7 +584,7 @@ def _wait_raises(raiser: Raiser, n: int) -> None:
     deadline = time.monotonic() + raiser.land_timeout * n + 1.0
     while len(raiser.raises) < target:
         if raiser.error:
-            raise RuntimeError(raiser.error)
+            raise RunError(raiser.error)
         if time.monotonic() > deadline:
             raise TimeoutError("the device raised nothing")
         time.sleep(0.001)
@@ -708,7 +711,7 @@ def run(
 def open_edus(n: int) -> list[Edu]:
     bdfs = find_vfio_edu()
     if len(bdfs) < n:
-        raise RuntimeError(f"{n} edu functions bound to vfio-pci needed, found {bdfs}")
+        raise SetupError(f"{n} edu functions bound to vfio-pci needed, found {bdfs}")
     return [Edu(b) for b in bdfs[:n]]
 
 
@@ -721,19 +724,39 @@ def close_edus(edus: list[Edu]) -> None:
             e.close()
 
 
+FAULTS = ("start", "load", "old")
+
+
+def fault_spec(text: str) -> tuple[int, str]:
+    """argparse type of ``--fault I:KIND``: upgrade I (from 0) and the fault injected into it."""
+    i, _, kind = text.partition(":")
+    if not i.isdigit() or kind not in FAULTS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not I:KIND, I an upgrade from 0 and KIND one of {', '.join(FAULTS)}"
+        )
+    return int(i), kind
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--strategy", choices=STRATEGIES, default="shared")
-    p.add_argument("--vcpus", type=int, default=8, metavar="V")
-    p.add_argument("--upgrades", type=int, default=10, metavar="N")
-    p.add_argument("--edu", type=int, default=3, metavar="N", help="edu functions to use")
-    p.add_argument("--vapic", type=int, choices=(1, 2), default=2)
+    p.add_argument("--strategy", choices=STRATEGIES, default="shared", help="handover strategy")
+    p.add_argument(
+        "--vcpus",
+        type=int_range(1, max_vcpus(1)),
+        default=8,
+        metavar="V",
+        help=f"vCPU threads; V + 3 x edu + 4 fds travel in one message, at most {SCM_MAX_FD}",
+    )
+    p.add_argument("--upgrades", type=int_range(1), default=10, metavar="N", help="upgrades")
+    p.add_argument("--edu", type=int_range(1), default=3, metavar="N", help="edu functions to use")
+    p.add_argument("--vapic", type=int, choices=(1, 2), default=2, help="vAPIC module version")
     add_optimisations_argument(p)
     p.add_argument(
         "--fault",
+        type=fault_spec,
         action="append",
         default=[],
         metavar="I:KIND",
-        help="inject KIND (start, load, old) into upgrade I (repeatable)",
+        help=f"inject KIND ({', '.join(FAULTS)}) into upgrade I, from 0 (repeatable)",
     )
     p.add_argument(
         "--interval",
@@ -753,12 +776,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """``kvmlu upgrade``: run the upgrades, print downtime and the checker's verdict."""
-    faults = {}
-    for item in args.fault:
-        i, _, kind = item.partition(":")
-        if kind not in ("start", "load", "old"):
-            raise SystemExit(f"--fault {item!r}: expected I:start, I:load or I:old")
-        faults[int(i)] = kind
+    if handoff_fds(args.vcpus, args.edu) > SCM_MAX_FD:
+        raise UsageError(
+            f"--vcpus {args.vcpus} with --edu {args.edu}: the handoff would carry "
+            f"{handoff_fds(args.vcpus, args.edu)} fds, one message carries {SCM_MAX_FD}"
+        )
+    faults: dict[int, str] = dict(args.fault)
+    late = sorted(i for i in faults if i >= args.upgrades)
+    if late:
+        raise UsageError(f"--fault {late[0]}: there are upgrades 0..{args.upgrades - 1}")
     opts = Optimisations.parse(args.optimisations)
     edus = open_edus(args.edu)
     try:

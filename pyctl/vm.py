@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from pyctl import klog
+from pyctl.errors import KvmluError
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 DEFAULT_MODULES = ("kmod/kvmlu.ko", "kmod/kvmlu_vapic_v1.ko", "kmod/kvmlu_vapic_v2.ko")
@@ -75,7 +76,7 @@ EXIT_INTERRUPTED = 130
 Accel = Literal["tcg", "kvm"]
 
 
-class VmError(Exception):
+class VmError(KvmluError):
     """The VM cannot be set up as asked (no kernel, missing module, no vng...)."""
 
 

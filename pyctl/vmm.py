@@ -56,6 +56,8 @@ from pyctl.vfio import VfioPciDevice
 
 STRATEGIES = ("naive", "inject", "cpr", "shared")
 NOTIFY_VECTOR = 0xF2
+#: The most fds one SCM_RIGHTS message carries (the kernel's SCM_MAX_FD).
+SCM_MAX_FD = 253
 
 
 def send_msg(sock: socket.socket, doc: dict[str, Any], fds: Sequence[int] = ()) -> None:
@@ -65,7 +67,7 @@ def send_msg(sock: socket.socket, doc: dict[str, Any], fds: Sequence[int] = ()) 
 
 
 def recv_msg(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
-    data, fds, _, _ = socket.recv_fds(sock, 1 << 20, 253)  # SCM_MAX_FD
+    data, fds, _, _ = socket.recv_fds(sock, 1 << 20, SCM_MAX_FD)
     if not data:
         raise EOFError("control socket closed")
     n = int.from_bytes(data[:4], "little")
