@@ -92,6 +92,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="inner guest vCPUs; --reprogram needs 2 or more (default: %(default)s)",
     )
+    p.add_argument(
+        "--accel",
+        choices=("kvm", "tcg"),
+        default="kvm",
+        help="run the inner guest under the test VM's KVM (nested) or under TCG "
+        "(default: %(default)s)",
+    )
     p.add_argument("--device", metavar="BDF", help="edu function in the test VM (default: last)")
     p.add_argument(
         "--initrd", type=Path, metavar="PATH", help="inner initramfs (default: build one)"
@@ -199,6 +206,7 @@ def in_vm(args: argparse.Namespace) -> int:
                 cpu=args.cpu,
                 memory_mb=args.memory,
                 cpus=args.cpus,
+                accel=args.accel,
                 append=args.append,
                 vfio_props=args.vfio_props,
             )
@@ -227,6 +235,7 @@ def vm_argv(args: argparse.Namespace, initrd: Path) -> list[str]:
     inner += ["--irqchip", ",".join(args.irqchip), "--raises", str(args.raises)]
     inner += ["--guest-raises", str(args.guest_raises), "--memory", str(args.memory)]
     inner += ["--reprogram", str(args.reprogram), "--cpus", str(args.cpus)]
+    inner += ["--accel", args.accel]
     inner += ["--boot-timeout", str(args.boot_timeout), "--module", str(args.module.resolve())]
     # Chosen here: the guest does not see /var/cache, where make qemu builds.
     qemu = (args.qemu or qrun.default_qemu()).absolute()

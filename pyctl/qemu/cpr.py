@@ -26,8 +26,9 @@ the hand-over come from upgrades without ``hold``
 (:attr:`Upgrade.pause_ms`: new ``RESUME`` minus old ``STOP``, both stamped
 by QEMU on the host's wall clock).
 
-**Faults** (``fault``): ``new-fails`` starts a new QEMU that exits at once
-(an option it refuses); ``new-dies`` kills the new QEMU once the old one
+**Faults** (``fault``): ``new-fails`` starts a new QEMU that exits once
+it has read the cpr channel and creates its devices (a ``-device`` property
+it refuses); ``new-dies`` kills the new QEMU once the old one
 has stopped the guest; ``old-dies`` kills the old QEMU once it has
 completed its save. In the first two the old QEMU must run the guest on;
 in the third the new one must.
@@ -250,7 +251,14 @@ class Upgrader:
                 self._new_fails(res, qold, new, work, mark)
             else:
                 _migrate(qold, work / "main.sock", cpr_path)
-                self._hand_over(res, old, qold, new, mark)
+                # The new QEMU's monitor exists once it has the cpr state; an
+                # unheld one may RESUME soon after, so listen from now on.
+                qnew = Qmp.connect(new.opts.qmp_path, MIGRATE_TIMEOUT)
+                try:
+                    self._hand_over(res, old, qold, new, qnew, mark)
+                except BaseException:
+                    qnew.close()
+                    raise
         except BaseException:
             new.close()
             raise
@@ -259,21 +267,22 @@ class Upgrader:
         self._check(res, base_count)
 
     def _new_fails(self, res: Upgrade, qold: Qmp, new: InnerGuest, work: Path, mark: int) -> None:
-        """The new QEMU exits at start: ``migrate`` fails or the migration does."""
-        assert new.proc is not None
-        new.proc.wait(MIGRATE_TIMEOUT)
+        """The new QEMU exits at start-up, once it has read the cpr channel and
+        creates its devices: the old QEMU's migration fails and it runs on."""
         try:
             _migrate(qold, work / "main.sock", work / "cpr.sock")
         except QmpError:
             status = "failed"  # refused at once: nobody listens on the cpr channel
         else:
             status = _migration_end(qold, mark, MIGRATE_TIMEOUT)
+        assert new.proc is not None
+        new.proc.wait(MIGRATE_TIMEOUT)
         new.close()
         res.window_raises += int(_raise_in_pause(self.bar))
         self._keep_old(res, status)
 
-    def _hand_over(
-        self, res: Upgrade, old: InnerGuest, qold: Qmp, new: InnerGuest, mark: int
+    def _hand_over(  # noqa: PLR0917
+        self, res: Upgrade, old: InnerGuest, qold: Qmp, new: InnerGuest, qnew: Qmp, mark: int
     ) -> None:
         fault = res.fault
         stop = qold.wait_event("STOP", MIGRATE_TIMEOUT, since=mark)
@@ -285,6 +294,7 @@ class Upgrader:
             assert new.proc is not None
             new.proc.send_signal(signal.SIGKILL)
             new.close()
+            qnew.close()
             status = _migration_end(qold, mark, MIGRATE_TIMEOUT)
             self._keep_old(res, status)
             return
@@ -299,15 +309,10 @@ class Upgrader:
         if fault == "old-dies":
             assert old.proc is not None
             old.proc.send_signal(signal.SIGKILL)
-        qnew = Qmp.connect(new.opts.qmp_path)
-        try:
-            if self.hold:
-                res.window_raises += int(_raise_in_pause(self.bar))
-                qnew.execute("cont")
-            resume = qnew.wait_event("RESUME", MIGRATE_TIMEOUT)
-        except BaseException:
-            qnew.close()
-            raise
+        if self.hold:
+            res.window_raises += int(_raise_in_pause(self.bar))
+            qnew.execute("cont")
+        resume = qnew.wait_event("RESUME", MIGRATE_TIMEOUT)
         res.resume_time = resume.time
         res.pause_ms = 1000 * (resume.time - stop.time)
         if fault != "old-dies":

@@ -208,6 +208,17 @@ class _Walk:
         self.raise_phase(ph)
 
 
+def phases_for(cpus: int) -> list[tuple[str, str]]:
+    """The phases a guest with *cpus* vCPUs can do (a move needs the target CPU)."""
+    out = []
+    for name, action in PHASES:
+        verb, _, arg = action.partition(" ")
+        if verb == "move" and int(arg) >= cpus:
+            continue
+        out.append((name, action))
+    return out
+
+
 def reprogram_and_count(
     guest: InnerGuest,
     bar: SysfsBar,
@@ -216,12 +227,13 @@ def reprogram_and_count(
     raises: int,
     wait: float = DEFAULT_WAIT,
 ) -> list[Phase]:
-    """Walk :data:`PHASES`; each phase's problems are in its ``problems``."""
+    """Walk :data:`PHASES` (those :func:`phases_for` the guest's vCPUs); each
+    phase's problems are in its ``problems``."""
     if guest.proc is None:
         raise QemuError("the inner guest's QEMU is not running")
     walk = _Walk(guest, bar, guest.proc.pid, kvmlu, raises, wait)
     phases = []
-    for name, action in PHASES:
+    for name, action in phases_for(guest.opts.cpus):
         ph = Phase(name)
         phases.append(ph)
         verb, _, arg = action.partition(" ")

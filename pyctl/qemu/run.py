@@ -48,6 +48,8 @@ IRQCHIPS: tuple[Irqchip, ...] = ("on", "off", "split")
 #: userspace local APIC under KVM as ``-accel kvm,x-userspace-lapic=on``).
 Mode = Literal["on", "off", "split", "kvmlu"]
 MODES: tuple[Mode, ...] = ("on", "off", "split", "kvmlu")
+#: How the inner guest's CPU runs (see :attr:`InnerOptions.accel`).
+Accel = Literal["kvm", "tcg"]
 
 DEFAULT_MEMORY_MB = 256
 DEFAULT_BOOT_TIMEOUT = 600.0
@@ -96,7 +98,7 @@ class InnerOptions:
     irqchip: Irqchip = "on"
     #: ``kvm`` (nested: the test VM is the KVM host) or ``tcg`` (QEMU
     #: emulates the guest's CPU; its APIC is QEMU's own, irqchip is moot).
-    accel: Literal["kvm", "tcg"] = "kvm"
+    accel: Accel = "kvm"
     qemu: Path = field(default_factory=default_qemu)
     #: None: ``host``, plus ``kvm=off`` with kernel-irqchip=off (see cpu_model()).
     cpu: str | None = None

@@ -141,13 +141,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "while loading, or the old one dies after its save",
     )
     p.add_argument("--cpus", type=int, default=1, metavar="N", help="inner guest vCPUs")
+    p.add_argument(
+        "--accel",
+        choices=("kvm", "tcg"),
+        default="kvm",
+        help="run the inner guest under the test VM's KVM (nested) or under TCG",
+    )
     p.add_argument("--qemu", type=Path, default=None, metavar="PATH", help="inner QEMU")
     p.add_argument("--device", metavar="BDF", help="edu function (default: the last)")
     p.add_argument("--initrd", type=Path, metavar="PATH", help="inner initramfs")
     p.add_argument("--json", type=Path, metavar="PATH", help="write the reports here")
     vm_group = p.add_argument_group("the test VM (when run on the build machine)")
     vm_group.add_argument("--kernel", metavar="VERSION", help="test VM kernel")
-    vm_group.add_argument("--results", type=Path, default=DEFAULT_RESULTS, metavar="DIR")
+    vm_group.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"results folder (default: the test VM's, else {DEFAULT_RESULTS})",
+    )
     vm_group.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS")
     vm_group.add_argument("--dry-run", action="store_true", help="print the vng command")
     p.set_defaults(func=main)
@@ -219,7 +231,7 @@ def run_path(path: str, plan: Plan, base: qrun.InnerOptions, workdir: Path) -> P
 
 def in_vm(args: argparse.Namespace) -> int:
     """Inside the test VM: each path, its upgrades."""
-    results = Path(os.environ.get("KVMLU_RESULTS") or args.results)
+    results = args.results or Path(os.environ.get("KVMLU_RESULTS") or DEFAULT_RESULTS)
     results.mkdir(parents=True, exist_ok=True)
     qemu = args.qemu or qrun.default_qemu()
     bdfs = [b for b in os.environ.get("KVMLU_EDU", "").split(",") if b]
@@ -231,7 +243,13 @@ def in_vm(args: argparse.Namespace) -> int:
     try:
         initrd = args.initrd or qguest.build_initramfs(work / "initramfs.cpio")
         base = qrun.InnerOptions(
-            bdf=bdf, kernel=kernel, initrd=initrd, workdir=work, qemu=qemu, cpus=args.cpus
+            bdf=bdf,
+            kernel=kernel,
+            initrd=initrd,
+            workdir=work,
+            qemu=qemu,
+            cpus=args.cpus,
+            accel=args.accel,
         )
         plan = Plan(args.upgrades, args.between, args.hold, args.faults)
         for path in args.paths.split(","):
@@ -255,6 +273,7 @@ def vm_argv(args: argparse.Namespace, initrd: Path) -> list[str]:
     inner = [sys.executable, "-m", "pyctl.cli", "qemu-upgrade", "--initrd", str(initrd)]
     inner += ["--paths", args.paths, "--upgrades", str(args.upgrades)]
     inner += ["--between", str(args.between), "--cpus", str(args.cpus), "--qemu", str(qemu)]
+    inner += ["--accel", args.accel]
     if not args.hold:
         inner.append("--no-hold")
     if args.faults:
@@ -263,10 +282,12 @@ def vm_argv(args: argparse.Namespace, initrd: Path) -> list[str]:
         inner += ["--device", args.device]
     if args.json:
         inner += ["--json", str(args.json.resolve())]
+    if args.results:
+        inner += ["--results", str(args.results.resolve())]
     argv = ["--edu", "1"]
     if vm.hidden_in_guest(qemu):
         argv += ["--rodir", str(qemu.parent)]
-    argv += ["--results", str(args.results), "--timeout", str(args.timeout)]
+    argv += ["--results", str(args.results or DEFAULT_RESULTS), "--timeout", str(args.timeout)]
     if args.kernel:
         argv += ["--kernel", args.kernel]
     if args.dry_run:

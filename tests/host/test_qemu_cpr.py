@@ -148,9 +148,29 @@ def test_upgrade_options_reach_the_vm_command(tmp_path: Path) -> None:
         "2",
     )
     assert "--no-hold" in inner and "--faults" in inner
+    assert val("--accel") == "kvm"
     assert val("--device") == "0000:00:0b.0"
     assert val("--json") == str(tmp_path / "o.json")
     assert argv[argv.index("--kernel") + 1] == "6.1.0-56-amd64"
+    args = cli.build_parser().parse_args(
+        [
+            "qemu-upgrade",
+            "--results",
+            str(tmp_path / "r"),
+            "--timeout",
+            "99",
+            "--dry-run",
+            "--qemu",
+            "/usr/bin/qemu-system-x86_64",
+        ]
+    )
+    argv = qup.vm_argv(args, tmp_path / "initramfs.cpio")
+    inner = argv[argv.index("--") + 1 :]
+    assert argv[argv.index("--results") + 1] == str(tmp_path / "r")
+    assert inner[inner.index("--results") + 1] == str(tmp_path / "r")
+    assert argv[argv.index("--timeout") + 1] == "99.0" and "--dry-run" in argv
+    assert inner[inner.index("--qemu") + 1] == "/usr/bin/qemu-system-x86_64"
+    assert inner[inner.index("--initrd") + 1] == str(tmp_path / "initramfs.cpio")
 
 
 def test_upgrade_plan_reaches_run_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -159,6 +179,7 @@ def test_upgrade_plan_reaches_run_path(tmp_path: Path, monkeypatch: pytest.Monke
     def fake_run_path(
         path: str, plan: qup.Plan, base: qrun.InnerOptions, work: Path
     ) -> qup.PathReport:
+        assert base.accel == "tcg"
         seen.append((path, plan, base.cpus))
         return qup.PathReport(path)
 
@@ -181,6 +202,8 @@ def test_upgrade_plan_reaches_run_path(tmp_path: Path, monkeypatch: pytest.Monke
             "--faults",
             "--cpus",
             "3",
+            "--accel",
+            "tcg",
             "--initrd",
             str(tmp_path / "i"),
         ]

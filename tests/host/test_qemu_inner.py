@@ -296,6 +296,7 @@ def test_kvmlu_qemu_on_the_host_boots_the_test_vm(
     assert value_of(command, "--qemu") == str(qrun.default_qemu())
     assert value_of(command, "--reprogram") == "3"
     assert value_of(command, "--cpus") == "4"
+    assert value_of(command, "--accel") == "kvm"
 
 
 def test_kvmlu_qemu_shares_a_qemu_the_guest_cannot_see(
@@ -337,9 +338,10 @@ def test_kvmlu_qemu_passes_cpus_and_reprogram_to_run_mode(
     monkeypatch.setattr(qrun, "mode_settings", lambda mode, qemu: ("on", False, False, None))
     monkeypatch.setattr(qcheck, "run_mode", fake_run_mode)
     monkeypatch.setattr(qguest, "build_initramfs", lambda out, module: out)
-    cli.main(["qemu", "--module", str(ko), "--irqchip", "on", "--cpus", "3", "--reprogram", "5"])
+    cli.main(["qemu", "--module", str(ko), "--irqchip", "on", "--cpus", "3", "--reprogram", "5",
+              "--accel", "tcg"])  # fmt: skip
     [(opts, reprogram)] = seen
-    assert (opts.cpus, reprogram) == (3, 5)
+    assert (opts.cpus, reprogram, opts.accel) == (3, 5, "tcg")
 
 
 def test_kvmlu_qemu_rejects_bad_counts() -> None:

@@ -12,10 +12,10 @@ interrupt time, where kvmlu's own counters must also show every MSI posted.
 ``KVMLU_QEMU`` picks the QEMU (default: ``make qemu``'s build in the
 checkout, which has the kvmlu backend and runs ``off`` under KVM with
 ``x-userspace-lapic``; else Debian's 7.2, which skips ``kvmlu``);
-``KVMLU_QEMU_PATHS`` the paths (default ``on``: the kernel suite runs only
-the path that has proved stable here; ``make test-qemu`` runs all three, see
-:data:`PATHS`). The inner guest's logs and a JSON report per path go to the
-results folder.
+``KVMLU_QEMU_PATHS`` the paths (default ``on,kvmlu``; ``make test-qemu``
+runs all three, see :data:`PATHS`); ``KVMLU_QEMU_ACCEL=tcg`` runs the inner
+guest under TCG instead of the test VM's KVM. The inner guest's logs and a
+JSON report per path go to the results folder.
 """
 
 from __future__ import annotations
@@ -36,18 +36,35 @@ RAISES = 100
 GUEST_RAISES = 50
 #: MSIs raised after each of the guest's changes to its MSI (pyctl.qemu.reprogram).
 REPROGRAM_RAISES = 10
+#: The guest's vCPUs per path: two, so that the guest can move its MSI to
+#: another vCPU; one for ``off``, whose guest with two vCPUs did not finish
+#: booting within BOOT_TIMEOUT in two boots here (kvmlu's, with the same
+#: userspace APIC, booted in both), so ``off`` skips the moves.
+CPUS: dict[str, int] = {"on": 2, "off": 1, "split": 2, "kvmlu": 2}
+#: ``kvm`` (the default: the inner guest under the test VM's KVM) or ``tcg``.
+ACCEL: qrun.Accel = "tcg" if os.environ.get("KVMLU_QEMU_ACCEL") == "tcg" else "kvm"
 #: The kvmlu object's device node in the boot that checks the fallback.
 ABSENT_DEVICE = "/dev/kvmlu-absent"
 FALLBACK_RAISES = 20
+#: QEMU's warnings that are expected: x-userspace-lapic brings back what
+#: QEMU deprecates (two lines), and Linux enables MSI before it writes the
+#: message, so the first bind sees vector 0, which kvmlu does not post (the
+#: binding follows when the message is written).
+EXPECTED_WARNINGS = (
+    "Userspace local APIC is deprecated for KVM",
+    "Do not use kernel-irqchip except for the -M isapc machine type",
+    "kvmlu: MSI vector 0 is not posted",
+)
 BOOT_TIMEOUT = 600.0
 
 QEMU = Path(os.environ.get("KVMLU_QEMU") or qrun.default_qemu())
-#: The paths to boot. ``off`` and ``kvmlu`` put QEMU's own local APIC under
-#: KVM nested in TCG; in 8 such boots here one inner QEMU closed its control
-#: socket mid-run and once the whole test VM died (vng status 255, no panic),
-#: while every ``on`` boot passed. Until that is understood they run in
-#: ``make test-qemu``, not in the kernel suite.
-PATHS = [p for p in os.environ.get("KVMLU_QEMU_PATHS", "on").split(",") if p]
+#: The paths to boot. ``off`` puts QEMU's own local APIC under KVM nested
+#: in TCG without kvmlu; here it once brought the whole test VM down (an
+#: interrupt the emulated SVM delivered between #VMEXIT and VMLOAD, see
+#: docs/qemu-notes.md) and with two vCPUs did not finish booting, so it runs
+#: in ``make test-qemu``, not in the kernel suite. ``kvmlu``, with the same
+#: APIC, passed in every run so far.
+PATHS = [p for p in os.environ.get("KVMLU_QEMU_PATHS", "on,kvmlu").split(",") if p]
 
 
 def _skip_reason() -> str | None:
@@ -88,7 +105,8 @@ def booted(request: pytest.FixtureRequest, initrd: Path) -> Iterator[ModeReport]
         kvmlu=kvmlu,
         userspace_lapic=userspace_lapic,
         qemu=QEMU,
-        cpus=2,
+        cpus=CPUS[mode],
+        accel=ACCEL,
     )
     rep = run_mode(
         opts,
@@ -138,14 +156,15 @@ def fallback(initrd: Path) -> ModeReport:
 def test_qemu_holds_kvmlu_descriptors_only_on_the_kvmlu_path(booted: ModeReport) -> None:
     # Verifies: without the kvmlu object QEMU opens nothing of kvmlu's (no
     # /dev/kvmlu, no table, no binding); with it, one device, one table and
-    # a binding; no path makes QEMU warn.
+    # a binding; QEMU warns of nothing but EXPECTED_WARNINGS.
     fds = booted.qemu_kvmlu_fds
     assert fds is not None, booted.text()
     if booted.mode == "kvmlu":
         assert fds["device"] == fds["table"] == 1 and fds["binding"] >= 1, booted.text()
     else:
         assert fds == {"device": 0, "table": 0, "binding": 0}, booted.text()
-    assert booted.qemu_warnings == [], booted.text()
+    unexpected = [w for w in booted.qemu_warnings if not any(x in w for x in EXPECTED_WARNINGS)]
+    assert unexpected == [], booted.text()
 
 
 def test_without_the_kvmlu_device_qemu_delivers_itself(fallback: ModeReport) -> None:
@@ -179,17 +198,19 @@ def test_guest_moves_masks_and_turns_off_its_msi(booted: ModeReport) -> None:
     # enabled, then runs it once. On the kvmlu path QEMU's one active binding
     # posts exactly the vector and vCPU the guest programmed, none is active
     # while MSI is off, and kvmlu consumed one signal per raise.
-    assert [ph.name for ph in booted.phases] == [name for name, _ in reprogram.PHASES], (
-        booted.text()
-    )
+    cpus = CPUS[booted.mode]
+    names = [name for name, _ in reprogram.phases_for(cpus)]
+    assert [ph.name for ph in booted.phases] == names, booted.text()
     assert all(ph.ok for ph in booted.phases), booted.text()
-    moved = booted.phases[1]
-    assert moved.handler_cpu == 1 and moved.counted == REPROGRAM_RAISES, booted.text()
-    masked = booted.phases[2]
+    by_name = {ph.name: ph for ph in booted.phases}
+    if cpus > 1:
+        moved = by_name["moved to CPU 1"]
+        assert moved.handler_cpu == 1 and moved.counted == REPROGRAM_RAISES, booted.text()
+    masked = by_name["raised while masked"]
     assert masked.held and masked.counted == 1, booted.text()
     if booted.mode == "kvmlu":
         assert all(ph.bindings for ph in booted.phases), booted.text()
-        assert booted.phases[3].off_bindings is not None, booted.text()
+        assert by_name["MSI off, then on"].off_bindings is not None, booted.text()
 
 
 def test_guest_raised_msis_all_arrive(booted: ModeReport) -> None:
