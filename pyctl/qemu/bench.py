@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pyctl.qemu import QemuError
+from pyctl.qemu import cli as qcli
 from pyctl.qemu import guest as qguest
 from pyctl.qemu import run as qrun
 from pyctl.qemu.check import workdir
@@ -207,13 +208,8 @@ def main(args: argparse.Namespace) -> int:
     if bad or args.interrupts < 1:
         print(f"kvmlu bench qemu: bad --paths {bad} or --interrupts", file=sys.stderr)
         return 2
-    qemu = args.qemu or qrun.default_qemu()
-    bdfs = [b for b in os.environ.get("KVMLU_EDU", "").split(",") if b]
-    bdf = args.device or (bdfs[-1] if bdfs else "")
     try:
-        qrun.check_host(qemu, bdf)
-        release = qguest.module_release(qguest.EDU_COUNT_KO)
-        kernel = qrun.find_kernel_image(release)
+        qemu, bdf, kernel = qcli.inner_host(args.qemu, args.device)
     except (QemuError, FileNotFoundError, ValueError) as e:
         print(f"kvmlu bench qemu: {e}", file=sys.stderr)
         return 2

@@ -16,7 +16,9 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pyctl import vm
 from pyctl.qemu import QemuError
@@ -179,15 +181,45 @@ def _pick_bdf(requested: str | None) -> str:
     return bdfs[-1]
 
 
+def inner_host(
+    qemu: Path | None, device: str | None, module: Path = qguest.EDU_COUNT_KO
+) -> tuple[Path, str, Path]:
+    """Inside the test VM: (the QEMU, the edu function, the inner kernel image).
+
+    QemuError if the QEMU, /dev/kvm or the function on vfio-pci is missing.
+    """
+    qemu = qemu or qrun.default_qemu()
+    bdf = _pick_bdf(device)
+    qrun.check_host(qemu, bdf)
+    return qemu, bdf, qrun.find_kernel_image(qguest.module_release(module))
+
+
+def write_reports(out: Path, reports: Sequence[Any]) -> int:
+    """Write the reports' JSON to *out*; 0 if some ran and every one that ran is ok."""
+    out.write_text(json.dumps([r.to_json() for r in reports], indent=2) + "\n")
+    ran = [r for r in reports if r.skipped is None]
+    return 0 if ran and all(r.ok for r in ran) else 1
+
+
+def vm_options(args: argparse.Namespace, qemu: Path, results: Path, modules: bool) -> list[str]:
+    """``kvmlu vm`` options for one edu function and *qemu* (shared read-only if the
+    guest cannot see it), from the command's test-VM options."""
+    argv = ["--edu", "1"] if modules else ["--edu", "1", "--no-modules"]
+    if vm.hidden_in_guest(qemu):
+        argv += ["--rodir", str(qemu.parent)]
+    argv += ["--results", str(results), "--timeout", str(args.timeout)]
+    if args.kernel:
+        argv += ["--kernel", args.kernel]
+    if args.dry_run:
+        argv.append("--dry-run")
+    return argv
+
+
 def in_vm(args: argparse.Namespace) -> int:
     """Inside the test VM: one inner guest boot per mode."""
     results = Path(os.environ.get("KVMLU_RESULTS") or args.results)
     results.mkdir(parents=True, exist_ok=True)
-    qemu = args.qemu or qrun.default_qemu()
-    bdf = _pick_bdf(args.device)
-    qrun.check_host(qemu, bdf)
-    release = qguest.module_release(args.module)
-    kernel = qrun.find_kernel_image(release)
+    qemu, bdf, kernel = inner_host(args.qemu, args.device, args.module)
     work = qcheck.workdir()
     try:
         initrd = args.initrd or qguest.build_initramfs(work / "initramfs.cpio", args.module)
@@ -223,10 +255,7 @@ def in_vm(args: argparse.Namespace) -> int:
             reports.append(rep)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    out = args.json or results / "qemu.json"
-    out.write_text(json.dumps([r.to_json() for r in reports], indent=2) + "\n")
-    ran = [r for r in reports if r.skipped is None]
-    return 0 if ran and all(r.ok for r in ran) else 1
+    return write_reports(args.json or results / "qemu.json", reports)
 
 
 def vm_argv(args: argparse.Namespace, initrd: Path) -> list[str]:
@@ -251,14 +280,7 @@ def vm_argv(args: argparse.Namespace, initrd: Path) -> list[str]:
     if args.json:
         inner += ["--json", str(args.json.resolve())]
     # kvmlu.ko only where a path posts through it.
-    argv = ["--edu", "1"] if "kvmlu" in args.irqchip else ["--edu", "1", "--no-modules"]
-    if vm.hidden_in_guest(qemu):
-        argv += ["--rodir", str(qemu.parent)]
-    argv += ["--results", str(args.results), "--timeout", str(args.timeout)]
-    if args.kernel:
-        argv += ["--kernel", args.kernel]
-    if args.dry_run:
-        argv.append("--dry-run")
+    argv = vm_options(args, qemu, args.results, modules="kvmlu" in args.irqchip)
     return [*argv, "--", *inner]
 
 

@@ -17,7 +17,6 @@ command; exit status 1 unless every upgrade was right.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -28,6 +27,7 @@ from typing import Any
 from pyctl import vm
 from pyctl.qemu import QemuError
 from pyctl.qemu import check as qcheck
+from pyctl.qemu import cli as qcli
 from pyctl.qemu import cpr as qcpr
 from pyctl.qemu import guest as qguest
 from pyctl.qemu import run as qrun
@@ -233,11 +233,7 @@ def in_vm(args: argparse.Namespace) -> int:
     """Inside the test VM: each path, its upgrades."""
     results = args.results or Path(os.environ.get("KVMLU_RESULTS") or DEFAULT_RESULTS)
     results.mkdir(parents=True, exist_ok=True)
-    qemu = args.qemu or qrun.default_qemu()
-    bdfs = [b for b in os.environ.get("KVMLU_EDU", "").split(",") if b]
-    bdf = args.device or (bdfs[-1] if bdfs else "")
-    qrun.check_host(qemu, bdf)
-    kernel = qrun.find_kernel_image(qguest.module_release(qguest.EDU_COUNT_KO))
+    qemu, bdf, kernel = qcli.inner_host(args.qemu, args.device)
     work = qcheck.workdir()
     reports = []
     try:
@@ -261,10 +257,7 @@ def in_vm(args: argparse.Namespace) -> int:
                 (results / f"{path}-{log.parent.name}-qemu.log").write_bytes(log.read_bytes())
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    out = args.json or results / "qemu-upgrade.json"
-    out.write_text(json.dumps([r.to_json() for r in reports], indent=2) + "\n")
-    ran = [r for r in reports if r.skipped is None]
-    return 0 if ran and all(r.ok for r in ran) else 1
+    return qcli.write_reports(args.json or results / "qemu-upgrade.json", reports)
 
 
 def vm_argv(args: argparse.Namespace, initrd: Path) -> list[str]:
@@ -284,14 +277,7 @@ def vm_argv(args: argparse.Namespace, initrd: Path) -> list[str]:
         inner += ["--json", str(args.json.resolve())]
     if args.results:
         inner += ["--results", str(args.results.resolve())]
-    argv = ["--edu", "1"]
-    if vm.hidden_in_guest(qemu):
-        argv += ["--rodir", str(qemu.parent)]
-    argv += ["--results", str(args.results or DEFAULT_RESULTS), "--timeout", str(args.timeout)]
-    if args.kernel:
-        argv += ["--kernel", args.kernel]
-    if args.dry_run:
-        argv.append("--dry-run")
+    argv = qcli.vm_options(args, qemu, args.results or DEFAULT_RESULTS, modules=True)
     return [*argv, "--", *inner]
 
 
