@@ -23,6 +23,7 @@ from pyctl.errors import KvmluError, SetupError, UsageError
 from pyctl.kvmlu import DEVICE_PATH, Device
 from pyctl.qemu import QemuError
 from pyctl.qemu import bench as qbench
+from pyctl.qemu import bench_cpr as qbench_cpr
 from pyctl.qemu import cli as qemu_cli
 from pyctl.qemu import upgrade_cli as qemu_upgrade
 from pyctl.status import print_status, status_dict
@@ -222,6 +223,12 @@ def _add_bench(sub: Any) -> None:
         description=qbench.__doc__.split("\n\n")[0] if qbench.__doc__ else None,
     )
     qbench.add_arguments(b)
+    b = bsub.add_parser(
+        "qemu-upgrade",
+        help="the pause of the nested guest's cpr-transfer: kvmlu rows against stock",
+        description=(qbench_cpr.__doc__ or "").split("\n\n")[1].replace("\n", " "),
+    )
+    qbench_cpr.add_arguments(b)
     b = bsub.add_parser(
         "report",
         help="the upgrade benchmark's JSON as a Markdown table and a PNG plot (host)",

@@ -29,6 +29,7 @@ ends with ``<id> OK`` or ``<id> ERR <command> <arg>``:
 ``move C``   point every IRQ of the function at CPU C (``smp_affinity_list``)
 ``enable B`` edu_count's ``msi_on``: 0 turns MSI off, 1 on again
 ``mask B``   edu_count's ``irq_mask``: 1 disables the IRQs, 0 enables them
+``spin N``   start N busy loops in the background (a guest under CPU load)
 ``dmesg``    the kernel log
 ``uptime``   ``/proc/uptime``
 ``poweroff`` ``OK``, then the guest powers off
@@ -90,6 +91,12 @@ while read -r id cmd arg; do
 		done ;;
 	enable) echo "$arg" >"$dev/msi_on" ;;
 	mask) echo "$arg" >"$dev/irq_mask" ;;
+	spin)
+		i=0
+		while [ "$i" -lt "$arg" ]; do
+			sh -c 'while :; do :; done' </dev/null >/dev/null 2>&1 &
+			i=$((i + 1))
+		done ;;
 	dmesg) dmesg | tag "$id" ;;
 	uptime) tag "$id" </proc/uptime ;;
 	poweroff) echo "$id OK"; poweroff -f ;;

@@ -55,6 +55,10 @@ class Plan:
     hold: bool = True
     #: Then the three failing upgrades.
     faults: bool = False
+    #: Busy loops the guest runs from its boot on (a guest under CPU load).
+    spin: int = 0
+    #: Print a line per upgrade as it happens.
+    verbose: bool = True
 
 
 @dataclass
@@ -200,6 +204,8 @@ def run_path(path: str, plan: Plan, base: qrun.InnerOptions, workdir: Path) -> P
     try:
         guest.start()
         rep.boot_seconds = guest.boot_seconds
+        if plan.spin:
+            guest.command("spin", str(plan.spin))
         qmp = Qmp.connect(opts.qmp_path)
         with SysfsBar(opts.bdf) as bar, pinned(msi_cpus(opts.bdf)):
             up = qcpr.Upgrader(guest, qmp, bar, workdir / path, hold=plan.hold)
@@ -209,7 +215,8 @@ def run_path(path: str, plan: Plan, base: qrun.InnerOptions, workdir: Path) -> P
                 rep.between_counted += c
                 u = up.upgrade()
                 rep.upgrades.append(u)
-                print(f"  {path} {u.text()}", flush=True)
+                if plan.verbose:
+                    print(f"  {path} {u.text()}", flush=True)
             for fault in FAULT_ORDER if plan.faults else ():
                 u = up.upgrade(fault)
                 rep.faults.append(u)

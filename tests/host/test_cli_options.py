@@ -41,6 +41,7 @@ ELSEWHERE = {
     "qemu": "test_qemu_inner.py",
     "qemu-upgrade": "test_qemu_cpr.py",
     "bench qemu": "test_qemu_bench.py",
+    "bench qemu-upgrade": "test_qemu_bench.py",
 }
 
 

@@ -81,3 +81,44 @@ def test_options_reach_measure_and_the_files(
 def test_bad_paths_are_refused() -> None:
     assert cli.main(["bench", "qemu", "--paths", "on,maybe"]) == 2
     assert cli.main(["bench", "qemu", "--interrupts", "0"]) == 2
+
+
+def test_bench_qemu_upgrade_options_reach_measure_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyctl.qemu import bench_cpr
+
+    seen: list[tuple[str, str, int, Path]] = []
+
+    def fake_measure_row(
+        row: bench_cpr.Row, workload: str, n: int, base: qrun.InnerOptions, work: Path
+    ) -> dict[str, object]:
+        seen.append((row.name, workload, n, base.qemu))
+        assert base.bdf == "0000:00:09.0"
+        pause = {"n": n, "p50": 10.0 if row.path == "stock" else 5.0, "p90": 11.0, "max": 12.0}
+        return {"row": row.name, "path": row.path, "kvmlu_props": list(row.kvmlu_props),
+                "workload": workload, "ok": True, "error": None, "skipped": None,
+                "upgrades_ok": n, "between_raised": n, "between_counted": n,
+                "pause_ms": pause, "qemu_downtime_ms": {"n": 0}, "upgrades": []}  # fmt: skip
+
+    qemu = tmp_path / "qemu"
+    monkeypatch.setattr(qrun, "check_host", lambda q, bdf: None)
+    monkeypatch.setattr(qguest, "module_release", lambda ko=None: "6.1.0-test")
+    monkeypatch.setattr(qrun, "find_kernel_image", lambda release: tmp_path / "vmlinuz")
+    monkeypatch.setattr(qguest, "build_initramfs", lambda out, *a: out)
+    monkeypatch.setattr(qrun, "qemu_version", lambda q: (10, 2, 2))
+    monkeypatch.setattr(bench_cpr, "measure_row", fake_measure_row)
+    out, md = tmp_path / "u.json", tmp_path / "u.md"
+    rc = cli.main(["bench", "qemu-upgrade", "--upgrades", "3", "--rows", "0,1",
+                   "--workloads", "cpu", "--device", "0000:00:09.0", "--qemu", str(qemu),
+                   "--json", str(out), "--markdown", str(md)])  # fmt: skip
+    assert rc == 0
+    assert seen == [
+        ("stock cpr-transfer", "cpu", 3, qemu),
+        ("kvmlu, every optimisation", "cpu", 3, qemu),
+    ]
+    assert [r["row"] for r in json.loads(out.read_text())["rows"]] == [s[0] for s in seen]
+    assert "| kvmlu, every optimisation | cpu | 3 | 5.0 |" in md.read_text()
+    assert "0.50x" in md.read_text()
+    assert cli.main(["bench", "qemu-upgrade", "--rows", "9"]) == 2
+    assert cli.main(["bench", "qemu-upgrade", "--workloads", "busy"]) == 2
