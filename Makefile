@@ -108,14 +108,14 @@ test-kernel: venv
 	$(KVMLU) vm --kernel $(KVER) --edu 3 $(VM_ARGS) -- \
 		$(CURDIR)/$(PY) -m pytest -p no:cacheprovider tests/kernel $(PYTEST_ARGS)
 
-# The nested guest on all three interrupt paths (on, off, kvmlu) in one boot,
-# with two vCPUs where it moves its MSI between them, then its QEMU
-# live-upgraded on both paths: the kernel suite runs "on" and "kvmlu" with one
-# vCPU (see tests/kernel/test_qemu_guest.py) and the same upgrades.
+# The nested guest on all three interrupt paths (on, off, kvmlu) under the
+# test VM's KVM with two vCPUs (off: one), and kvmlu under TCG, in one boot;
+# then its QEMU live-upgraded on both paths. The kernel suite boots "on" and
+# "kvmlu@tcg" (see tests/kernel/test_qemu_guest.py) and the same upgrades.
 test-qemu: venv
 	@$(MAKE) --no-print-directory _modules
 	@$(MAKE) --no-print-directory qemu
-	$(KVMLU) vm --kernel $(KVER) --edu 1 --env KVMLU_QEMU_PATHS=on,off,kvmlu \
+	$(KVMLU) vm --kernel $(KVER) --edu 1 --env KVMLU_QEMU_PATHS=on,off,kvmlu,kvmlu@tcg \
 		--env KVMLU_QEMU_CPUS=2 $(VM_ARGS) -- \
 		$(CURDIR)/$(PY) -m pytest -p no:cacheprovider tests/kernel/test_qemu_guest.py \
 		tests/kernel/test_qemu_upgrade.py $(PYTEST_ARGS)

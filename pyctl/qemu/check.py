@@ -51,6 +51,9 @@ class ModeReport:
     mode: str
     qemu: str
     bdf: str
+    #: How the inner guest ran: ``kvm`` or ``tcg``, and its vCPUs.
+    accel: str = "kvm"
+    cpus: int = 1
     qemu_version: str = ""
     #: Extra vfio-pci properties of the run (x-no-kvm-msi=on...).
     vfio_props: list[str] = field(default_factory=list)
@@ -120,6 +123,9 @@ class ModeReport:
         head = (
             "kvmlu (kernel-irqchip=off)" if self.mode == "kvmlu" else f"kernel-irqchip={self.mode}"
         )
+        if self.accel == "tcg":
+            head = "kvmlu (TCG)" if self.mode == "kvmlu" else "TCG"
+        head += f", {self.cpus} vCPU{'s' if self.cpus > 1 else ''}"
         if self.vfio_props:
             head += f" vfio-pci,{','.join(self.vfio_props)}"
         head += f" (QEMU {self.qemu_version} {self.qemu}"
@@ -199,6 +205,8 @@ def run_mode(
         qemu_version=".".join(map(str, version)),
         vfio_props=list(opts.vfio_props),
         skipped=irqchip_problem(opts.irqchip, version, opts.userspace_lapic),
+        accel=opts.accel,
+        cpus=opts.cpus,
     )
     if rep.skipped is not None:
         return rep
