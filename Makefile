@@ -110,13 +110,14 @@ test-kernel: venv
 
 # The nested guest on all three interrupt paths (on, off, kvmlu) under the
 # test VM's KVM with two vCPUs (off: one), and kvmlu under TCG, in one boot;
-# then its QEMU live-upgraded on both paths. The kernel suite boots "on" and
-# "kvmlu@tcg" (see tests/kernel/test_qemu_guest.py) and the same upgrades.
+# then its QEMU live-upgraded on both paths under nested KVM. The kernel
+# suite runs the guest and the upgrades under TCG only (see
+# tests/kernel/test_qemu_guest.py): KVM nested in TCG lost guests here.
 test-qemu: venv
 	@$(MAKE) --no-print-directory _modules
 	@$(MAKE) --no-print-directory qemu
 	$(KVMLU) vm --kernel $(KVER) --edu 1 --env KVMLU_QEMU_PATHS=on,off,kvmlu,kvmlu@tcg \
-		--env KVMLU_QEMU_CPUS=2 $(VM_ARGS) -- \
+		--env KVMLU_QEMU_CPUS=2 --env KVMLU_QEMU_ACCEL=kvm $(VM_ARGS) -- \
 		$(CURDIR)/$(PY) -m pytest -p no:cacheprovider tests/kernel/test_qemu_guest.py \
 		tests/kernel/test_qemu_upgrade.py $(PYTEST_ARGS)
 
@@ -130,15 +131,19 @@ test-qemu: venv
 # optimisation and ten times without; each run prints its downtime and the
 # checker's verdict.
 DEMO_QEMU_UPGRADES ?= 3
+# tcg: the guest under TCG inside the test VM; kvm: under its KVM (nested),
+# which lost guests here now and then (docs/qemu-notes.md).
+DEMO_QEMU_ACCEL ?= tcg
 
 demo: deps venv
 	@$(MAKE) --no-print-directory _modules
 	@$(MAKE) --no-print-directory qemu
 	$(KVMLU) vm --kernel $(KVER) --edu 3 $(VM_ARGS) -- /bin/sh -ec \
 		'$(CURDIR)/$(KVMLU) qemu-upgrade --paths kvmlu,stock --upgrades $(DEMO_QEMU_UPGRADES) \
-			--results $(CURDIR)/results/demo; echo; \
+			--accel $(DEMO_QEMU_ACCEL); echo; \
 		 $(CURDIR)/$(KVMLU) qemu-upgrade --paths kvmlu,stock --upgrades $(DEMO_QEMU_UPGRADES) \
-			--no-hold --results $(CURDIR)/results/demo --json $(CURDIR)/results/demo/no-hold.json; echo; \
+			--accel $(DEMO_QEMU_ACCEL) --no-hold \
+			--json "$$KVMLU_RESULTS/qemu-upgrade-no-hold.json"; echo; \
 		 $(CURDIR)/$(KVMLU) demo; echo; \
 		 $(CURDIR)/$(KVMLU) upgrade --vcpus 88 --upgrades 10 --raise-in-window; echo; \
 		 $(CURDIR)/$(KVMLU) upgrade --vcpus 88 --upgrades 10 --raise-in-window --optimisations none'

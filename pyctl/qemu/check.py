@@ -79,6 +79,9 @@ class ModeReport:
     qemu_kvmlu_fds: dict[str, int] | None = None
     #: QEMU's warning lines (its log).
     qemu_warnings: list[str] = field(default_factory=list)
+    #: kvmlu path: QEMU's table(s) read through a mapping after the host
+    #: raises, one entry per descriptor (vcpu, pir, on, sn, nv, ndst).
+    descriptors: list[list[dict[str, Any]]] | None = None
 
     @property
     def kvmlu_ok(self) -> bool:
@@ -254,6 +257,20 @@ def _exercise(
     rep.qemu_kvmlu_fds = procfd.kvmlu_fds(guest.proc.pid)
     if before is not None:
         rep.kvmlu = _kvmlu_delta(before, _kvmlu_query())
+        rep.descriptors = [
+            [
+                {
+                    "vcpu": i,
+                    "pir": sorted(d.pir),
+                    "on": d.on,
+                    "sn": d.sn,
+                    "nv": d.nv,
+                    "ndst": d.ndst,
+                }
+                for i, d in enumerate(table)
+            ]
+            for table in procfd.descriptors(guest.proc.pid)
+        ]
     if reprogram_raises:
         with SysfsBar(opts.bdf) as bar:
             rep.phases = reprogram_and_count(guest, bar, kvmlu=opts.kvmlu, raises=reprogram_raises)

@@ -16,7 +16,7 @@ import errno
 import os
 from pathlib import Path
 
-from pyctl.kvmlu import Binding, BindingInfo, Table, TableInfo
+from pyctl.kvmlu import Binding, BindingInfo, Descriptor, Table, TableInfo
 
 #: pidfd_getfd's number: the same on every architecture (the unified table).
 SYS_PIDFD_GETFD = 438
@@ -80,6 +80,22 @@ def tables(pid: int) -> list[TableInfo]:
             raise
         with table:
             out.append(table.info())
+    return out
+
+
+def descriptors(pid: int) -> list[list[Descriptor]]:
+    """Every descriptor of every kvmlu table process *pid* holds, read through a
+    mapping of the table, as anyone holding the table sees them."""
+    out = []
+    for fd in fds_of(pid, TABLE_LINK):
+        copy = getfd(pid, fd)
+        try:
+            table = Table.from_fd(copy)
+        except BaseException:
+            os.close(copy)
+            raise
+        with table:
+            out.append([table.view(i) for i in range(table.nr_vcpus)])
     return out
 
 

@@ -24,10 +24,15 @@ from pyctl.qemu.check import workdir
 from pyctl.qemu.upgrade_cli import PathReport, Plan, run_path
 
 UPGRADES = int(os.environ.get("KVMLU_QEMU_UPGRADES", "20"))
+#: How the inner guest runs: ``tcg`` (the default; under TCG stock
+#: delivers through QEMU's own eventfd handler) or ``kvm`` (nested, stock
+#: through KVM's irqfds; ``make test-qemu``). KVM nested in TCG lost guests
+#: here (docs/qemu-notes.md), so the kernel suite does not depend on it.
+ACCEL: qrun.Accel = "kvm" if os.environ.get("KVMLU_QEMU_ACCEL") == "kvm" else "tcg"
 QEMU = Path(os.environ.get("KVMLU_QEMU") or qrun.default_qemu())
-#: ``stock``: kernel-irqchip=on, QEMU's own cpr-transfer with KVM's irqfds;
-#: ``kvmlu``: kernel-irqchip=off (x-userspace-lapic) with the table and the
-#: bindings handed over (docs/qemu-upgrade.md).
+#: ``stock``: QEMU's own cpr-transfer (under KVM: kernel-irqchip=on and
+#: KVM's irqfds); ``kvmlu``: QEMU's own APIC with the table and the bindings
+#: handed over (docs/qemu-upgrade.md).
 PATHS = [p for p in os.environ.get("KVMLU_QEMU_UPGRADE_PATHS", "stock,kvmlu").split(",") if p]
 
 
@@ -36,7 +41,7 @@ def upgraded(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> PathReport:
     """One guest boot on one path, its upgrades and its faults."""
-    if not Path("/dev/kvm").exists():
+    if ACCEL == "kvm" and not Path("/dev/kvm").exists():
         pytest.skip("no /dev/kvm in the test VM")
     if not os.environ.get("KVMLU_EDU"):
         pytest.skip("no edu function on vfio-pci")
@@ -51,7 +56,7 @@ def upgraded(
         initrd=initrd,
         workdir=work,
         qemu=QEMU,
-        accel="tcg" if os.environ.get("KVMLU_QEMU_ACCEL") == "tcg" else "kvm",
+        accel=ACCEL,
     )
     # The faults run on the kvmlu path: what stock QEMU does then is reported
     # by kvmlu qemu-upgrade --faults (docs/qemu-upgrade.md), not required.
