@@ -329,10 +329,13 @@ class Upgrader:
         """After a failed hand-over the old QEMU must run the guest on."""
         if status != "failed":
             raise QemuError(f"the migration ended {status}, not failed, though the new QEMU died")
-        state = self.qmp.execute("query-status")
-        if state.get("status") != "running":
-            # Stock QEMU resumes a guest whose migration failed on its own.
-            raise QemuError(f"the old QEMU is {state.get('status')} after the failure")
+        # QEMU resumes a guest whose migration failed on its own, but after it
+        # reports the failure: wait for it to be running again.
+        deadline = time.monotonic() + MIGRATE_TIMEOUT
+        while (state := self.qmp.execute("query-status").get("status")) != "running":
+            if time.monotonic() > deadline:
+                raise QemuError(f"the old QEMU is {state} {MIGRATE_TIMEOUT:g} s after the failure")
+            time.sleep(0.02)
         res.runner = "old"
 
     @staticmethod
