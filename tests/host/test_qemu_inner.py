@@ -20,6 +20,7 @@ from pyctl.qemu import check as qcheck
 from pyctl.qemu import cli as qcli
 from pyctl.qemu import guest as qguest
 from pyctl.qemu import run as qrun
+from pyctl.qemu.raising import RaiseResult
 
 FAKE_KO = b"\x7fELF...vermagic=6.1.0-99-amd64 SMP preempt mod_unload modversions \0rest"
 
@@ -349,3 +350,23 @@ def test_kvmlu_qemu_rejects_bad_counts() -> None:
     assert cli.main(["qemu", "--cpus", "1"]) == 2, "--reprogram needs two CPUs"
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["qemu", "--irqchip", "on,maybe"])
+
+
+def _kvmlu_report(absent: str | None, bindings: int, signals: int) -> qcheck.ModeReport:
+    """A kvmlu-path report of 10 raises all counted, with kvmlu's counts."""
+    rep = qcheck.ModeReport(mode="kvmlu", qemu="qemu", bdf="0000:00:0a.0", absent_device=absent)
+    rep.host_raises = RaiseResult(raised=10, counted=10)
+    rep.kvmlu = {"bindings": bindings, "signals": signals, "posted": signals, "coalesced": 0,
+                 "notified": signals}  # fmt: skip
+    return rep
+
+
+def test_kvmlu_report_without_the_device_wants_no_posting() -> None:
+    # The fallback boot (object given a device node that does not exist) is
+    # right when kvmlu posted nothing, wrong when it posted; the posting
+    # path is the reverse.
+    assert _kvmlu_report("/dev/kvmlu-absent", 0, 0).ok
+    assert not _kvmlu_report("/dev/kvmlu-absent", 1, 10).ok
+    assert _kvmlu_report(None, 1, 10).ok
+    assert not _kvmlu_report(None, 0, 0).ok
+    assert "without /dev/kvmlu-absent" in _kvmlu_report("/dev/kvmlu-absent", 0, 0).text()

@@ -197,6 +197,7 @@ def test_without_the_kvmlu_device_qemu_delivers_itself(fallback: ModeReport) -> 
     said = [w for w in fallback.qemu_warnings if "is delivered by QEMU" in w]
     assert len(said) == 1 and ABSENT_DEVICE in said[0], fallback.text()
     assert fallback.klog_findings == [], fallback.text()
+    assert fallback.absent_device == ABSENT_DEVICE and fallback.ok, fallback.text()
 
 
 def test_kvmlu_descriptors_agree_with_what_the_guest_counted(booted: ModeReport) -> None:
