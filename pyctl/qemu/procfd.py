@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from pyctl.kvmlu import Binding, BindingInfo, Descriptor, Table, TableInfo
@@ -68,9 +69,12 @@ def bindings(pid: int) -> list[BindingInfo]:
     return out
 
 
-def tables(pid: int) -> list[TableInfo]:
-    """TABLE_INFO of every kvmlu table process *pid* holds."""
-    out = []
+def borrowed_tables(pid: int) -> Iterator[Table]:
+    """Each kvmlu table process *pid* holds, as a copy of its descriptor.
+
+    The copy is closed (and its mapping dropped) when the caller asks for
+    the next table or stops iterating.
+    """
     for fd in fds_of(pid, TABLE_LINK):
         copy = getfd(pid, fd)
         try:
@@ -79,24 +83,18 @@ def tables(pid: int) -> list[TableInfo]:
             os.close(copy)
             raise
         with table:
-            out.append(table.info())
-    return out
+            yield table
+
+
+def tables(pid: int) -> list[TableInfo]:
+    """TABLE_INFO of every kvmlu table process *pid* holds."""
+    return [table.info() for table in borrowed_tables(pid)]
 
 
 def descriptors(pid: int) -> list[list[Descriptor]]:
     """Every descriptor of every kvmlu table process *pid* holds, read through a
     mapping of the table, as anyone holding the table sees them."""
-    out = []
-    for fd in fds_of(pid, TABLE_LINK):
-        copy = getfd(pid, fd)
-        try:
-            table = Table.from_fd(copy)
-        except BaseException:
-            os.close(copy)
-            raise
-        with table:
-            out.append([table.view(i) for i in range(table.nr_vcpus)])
-    return out
+    return [[t.view(i) for i in range(t.nr_vcpus)] for t in borrowed_tables(pid)]
 
 
 def kvmlu_fds(pid: int) -> dict[str, int]:
