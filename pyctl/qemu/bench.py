@@ -132,20 +132,33 @@ def measure(opts: qrun.InnerOptions, interrupts: int, boot_timeout: float) -> Pa
     return res
 
 
-def environment() -> dict[str, Any]:
-    """Where the figures were measured."""
+def environment(accel: str = "kvm", inner_cpus: int = 1) -> dict[str, Any]:
+    """Where the figures were measured: the inner guest under *accel*, with *inner_cpus*."""
     cpu = ""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
+    how = "KVM (kvm_amd, nested)" if accel == "kvm" else "TCG"
     return {
-        "where": "inner guest under KVM (kvm_amd, nested) in the kvmlu test VM under TCG",
+        "where": f"inner guest under {how} in the kvmlu test VM under TCG",
         "test_vm_cpus": os.cpu_count(),
         "test_vm_cpu_model": cpu,
         "test_vm_kernel": platform.release(),
-        "inner_guest_cpus": 1,
+        "inner_guest_accel": accel,
+        "inner_guest_cpus": inner_cpus,
     }
+
+
+def write_outputs(
+    doc: dict[str, Any], md: str, json_path: Path | None, md_path: Path | None
+) -> None:
+    """Print the table *md*; write *doc* as JSON and the table where asked."""
+    print(md)
+    for path, text in ((json_path, json.dumps(doc, indent=2) + "\n"), (md_path, md)):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
 
 
 def table(doc: dict[str, Any]) -> str:
@@ -191,10 +204,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="on,off,kvmlu",
         help="paths to measure (default: %(default)s)",
     )
-    p.add_argument("--device", metavar="BDF", help="edu function (default: the last)")
-    p.add_argument("--qemu", type=Path, default=None, metavar="PATH", help="inner QEMU")
-    p.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
-    p.add_argument("--markdown", type=Path, metavar="PATH", help="write the table here")
+    qcli.add_inner_host_arguments(p, accel=False)
+    qcli.add_output_arguments(p, markdown=True)
     p.add_argument(
         "--boot-timeout", type=float, default=qrun.DEFAULT_BOOT_TIMEOUT, metavar="SECONDS"
     )
@@ -256,12 +267,5 @@ def main(args: argparse.Namespace) -> int:
         "environment": environment(),
         "paths": [r.to_json() for r in results],
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
-    md = table(doc)
-    print(md)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(md)
+    write_outputs(doc, table(doc), args.json, args.markdown)
     return 0 if all(r.error is None for r in results) else 1

@@ -20,7 +20,6 @@ nested in TCG were reset or did not boot here (``docs/qemu-notes.md``).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -34,7 +33,7 @@ from pyctl.qemu import check as qcheck
 from pyctl.qemu import cli as qcli
 from pyctl.qemu import guest as qguest
 from pyctl.qemu import run as qrun
-from pyctl.qemu.bench import environment, percentile
+from pyctl.qemu.bench import environment, percentile, write_outputs
 from pyctl.qemu.upgrade_cli import Plan, run_path
 
 
@@ -126,7 +125,8 @@ def table(doc: dict[str, Any]) -> str:
     out.append("")
     out.append(
         f"Measured {doc['date']}: {env['where']} ({env['test_vm_cpus']} vCPUs, kernel "
-        f"{env['test_vm_kernel']}), QEMU {doc['qemu_version']}, inner guest 1 vCPU, 256 MiB. "
+        f"{env['test_vm_kernel']}), QEMU {doc['qemu_version']}, inner guest "
+        f"{env['inner_guest_cpus']} vCPU(s) under {env['inner_guest_accel']}, 256 MiB. "
         "Pause: the new QEMU's RESUME minus the old QEMU's STOP, not held open; n "
         "upgrades per row in one guest boot; with n <= 50 the p90 is near the top and "
         "the max is the largest of n."
@@ -151,10 +151,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         + "; ".join(f"{i} {r.name}" for i, r in enumerate(ROWS))
         + ")",
     )
-    p.add_argument("--qemu", type=Path, default=None, metavar="PATH", help="inner QEMU")
-    p.add_argument("--device", metavar="BDF", help="edu function (default: the last)")
-    p.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
-    p.add_argument("--markdown", type=Path, metavar="PATH", help="write the table here")
+    qcli.add_inner_host_arguments(p, cpus=1)
+    qcli.add_output_arguments(p, markdown=True)
     p.set_defaults(func=main)
 
 
@@ -171,10 +169,11 @@ def main(args: argparse.Namespace) -> int:
         rows = _rows(args.rows)
     except (ValueError, IndexError):
         rows = []
-    if not rows or args.upgrades < 1 or any(w not in WORKLOADS for w in workloads):
+    bad_counts = args.upgrades < 1 or args.cpus < 1
+    if not rows or bad_counts or any(w not in WORKLOADS for w in workloads):
         print(
             f"kvmlu bench qemu-upgrade: --rows takes numbers 0..{len(ROWS) - 1}, --workloads "
-            f"{','.join(WORKLOADS)}, --upgrades >= 1",
+            f"{','.join(WORKLOADS)}, --upgrades and --cpus >= 1",
             file=sys.stderr,
         )
         return 2
@@ -187,7 +186,15 @@ def main(args: argparse.Namespace) -> int:
     out_rows = []
     try:
         initrd = qguest.build_initramfs(work / "initramfs.cpio")
-        base = qrun.InnerOptions(bdf=bdf, kernel=kernel, initrd=initrd, workdir=work, qemu=qemu)
+        base = qrun.InnerOptions(
+            bdf=bdf,
+            kernel=kernel,
+            initrd=initrd,
+            workdir=work,
+            qemu=qemu,
+            accel=args.accel,
+            cpus=args.cpus,
+        )
         for workload in workloads:
             for row in rows:
                 r = measure_row(row, workload, args.upgrades, base, work)
@@ -205,15 +212,8 @@ def main(args: argparse.Namespace) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "qemu": str(qemu),
         "qemu_version": ".".join(map(str, qrun.qemu_version(qemu))),
-        "environment": environment(),
+        "environment": environment(args.accel, args.cpus),
         "rows": out_rows,
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
-    md = table(doc)
-    print(md)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(md)
+    write_outputs(doc, table(doc), args.json, args.markdown)
     return 0 if all(r["ok"] for r in out_rows) else 1

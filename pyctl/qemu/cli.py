@@ -47,8 +47,18 @@ def _irqchips(text: str) -> list[qrun.Mode]:
     return modes  # type: ignore[return-value]
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``kvmlu qemu``."""
+def add_inner_host_arguments(
+    p: argparse.ArgumentParser,
+    *,
+    accel: bool = True,
+    cpus: int | None = None,
+    cpus_help: str = "inner guest vCPUs",
+) -> None:
+    """The options that say which QEMU runs the inner guest, how, and on which edu.
+
+    ``--qemu`` and ``--device`` always; ``--accel`` (default kvm) if *accel*;
+    ``--cpus`` with default *cpus* unless it is None.
+    """
     p.add_argument(
         "--qemu",
         type=Path,
@@ -56,6 +66,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help=f"QEMU for the inner guest (default: {qrun.BUILT_QEMU} if it exists, "
         f"else {qrun.SYSTEM_QEMU})",
+    )
+    p.add_argument("--device", metavar="BDF", help="edu function in the test VM (default: last)")
+    if accel:
+        p.add_argument(
+            "--accel",
+            choices=("kvm", "tcg"),
+            default="kvm",
+            help="run the inner guest under the test VM's KVM (nested) or under TCG "
+            "(default: %(default)s)",
+        )
+    if cpus is not None:
+        p.add_argument(
+            "--cpus",
+            type=int,
+            default=cpus,
+            metavar="N",
+            help=f"{cpus_help} (default: %(default)s)",
+        )
+
+
+def add_output_arguments(p: argparse.ArgumentParser, *, markdown: bool) -> None:
+    """``--json`` and, for a benchmark, ``--markdown``."""
+    p.add_argument("--json", type=Path, metavar="PATH", help="write the results here as JSON")
+    if markdown:
+        p.add_argument("--markdown", type=Path, metavar="PATH", help="write the table here")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``kvmlu qemu``."""
+    add_inner_host_arguments(
+        p, cpus=DEFAULT_CPUS, cpus_help="inner guest vCPUs; --reprogram needs 2 or more"
     )
     p.add_argument(
         "--irqchip",
@@ -87,21 +128,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="then the guest moves its MSI to another CPU, masks it, turns it off and on, "
         "and K MSIs are raised after each change; 0 skips this (default: %(default)s)",
     )
-    p.add_argument(
-        "--cpus",
-        type=int,
-        default=DEFAULT_CPUS,
-        metavar="N",
-        help="inner guest vCPUs; --reprogram needs 2 or more (default: %(default)s)",
-    )
-    p.add_argument(
-        "--accel",
-        choices=("kvm", "tcg"),
-        default="kvm",
-        help="run the inner guest under the test VM's KVM (nested) or under TCG "
-        "(default: %(default)s)",
-    )
-    p.add_argument("--device", metavar="BDF", help="edu function in the test VM (default: last)")
     p.add_argument(
         "--initrd", type=Path, metavar="PATH", help="inner initramfs (default: build one)"
     )
@@ -147,7 +173,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="give up on an inner guest that is not READY by then (default: %(default)s)",
     )
-    p.add_argument("--json", type=Path, metavar="PATH", help="write the reports here")
+    add_output_arguments(p, markdown=False)
     vm_group = p.add_argument_group("the test VM (when run on the build machine)")
     vm_group.add_argument("--kernel", metavar="VERSION", help="test VM kernel (default: newest)")
     vm_group.add_argument(

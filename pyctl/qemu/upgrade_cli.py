@@ -144,17 +144,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="then three failing upgrades per path: the new QEMU does not start, dies "
         "while loading, or the old one dies after its save",
     )
-    p.add_argument("--cpus", type=int, default=1, metavar="N", help="inner guest vCPUs")
-    p.add_argument(
-        "--accel",
-        choices=("kvm", "tcg"),
-        default="kvm",
-        help="run the inner guest under the test VM's KVM (nested) or under TCG",
-    )
-    p.add_argument("--qemu", type=Path, default=None, metavar="PATH", help="inner QEMU")
-    p.add_argument("--device", metavar="BDF", help="edu function (default: the last)")
+    qcli.add_inner_host_arguments(p, cpus=1)
     p.add_argument("--initrd", type=Path, metavar="PATH", help="inner initramfs")
-    p.add_argument("--json", type=Path, metavar="PATH", help="write the reports here")
+    qcli.add_output_arguments(p, markdown=False)
     vm_group = p.add_argument_group("the test VM (when run on the build machine)")
     vm_group.add_argument("--kernel", metavar="VERSION", help="test VM kernel")
     vm_group.add_argument(

@@ -88,12 +88,12 @@ def test_bench_qemu_upgrade_options_reach_measure_row(
 ) -> None:
     from pyctl.qemu import bench_cpr
 
-    seen: list[tuple[str, str, int, Path]] = []
+    seen: list[tuple[str, str, int, Path, str, int]] = []
 
     def fake_measure_row(
         row: bench_cpr.Row, workload: str, n: int, base: qrun.InnerOptions, work: Path
     ) -> dict[str, object]:
-        seen.append((row.name, workload, n, base.qemu))
+        seen.append((row.name, workload, n, base.qemu, base.accel, base.cpus))
         assert base.bdf == "0000:00:09.0"
         pause = {"n": n, "p50": 10.0 if row.path == "stock" else 5.0, "p90": 11.0, "max": 12.0}
         return {"row": row.name, "path": row.path, "kvmlu_props": list(row.kvmlu_props),
@@ -111,14 +111,22 @@ def test_bench_qemu_upgrade_options_reach_measure_row(
     out, md = tmp_path / "u.json", tmp_path / "u.md"
     rc = cli.main(["bench", "qemu-upgrade", "--upgrades", "3", "--rows", "0,1",
                    "--workloads", "cpu", "--device", "0000:00:09.0", "--qemu", str(qemu),
+                   "--accel", "tcg", "--cpus", "2",
                    "--json", str(out), "--markdown", str(md)])  # fmt: skip
     assert rc == 0
     assert seen == [
-        ("stock cpr-transfer", "cpu", 3, qemu),
-        ("kvmlu, every optimisation", "cpu", 3, qemu),
+        ("stock cpr-transfer", "cpu", 3, qemu, "tcg", 2),
+        ("kvmlu, every optimisation", "cpu", 3, qemu, "tcg", 2),
     ]
-    assert [r["row"] for r in json.loads(out.read_text())["rows"]] == [s[0] for s in seen]
+    doc = json.loads(out.read_text())
+    assert [r["row"] for r in doc["rows"]] == [s[0] for s in seen]
+    assert (doc["environment"]["inner_guest_accel"], doc["environment"]["inner_guest_cpus"]) == (
+        "tcg",
+        2,
+    )
+    assert "2 vCPU(s) under tcg" in md.read_text()
     assert "| kvmlu, every optimisation | cpu | 3 | 5.0 |" in md.read_text()
     assert "0.50x" in md.read_text()
     assert cli.main(["bench", "qemu-upgrade", "--rows", "9"]) == 2
     assert cli.main(["bench", "qemu-upgrade", "--workloads", "busy"]) == 2
+    assert cli.main(["bench", "qemu-upgrade", "--cpus", "0"]) == 2
