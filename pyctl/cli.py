@@ -19,9 +19,8 @@ from pyctl import bench_irq, bench_upgrade, check, demo, livevmm, upgrade, vm
 from pyctl import swap as swap_mod
 from pyctl.argtypes import int_range
 from pyctl.edu import Edu, find_vfio_edu
-from pyctl.errors import KvmluError, SetupError, UsageError
+from pyctl.errors import SetupError, UsageError
 from pyctl.kvmlu import DEVICE_PATH, Device
-from pyctl.qemu import QemuError
 from pyctl.qemu import bench as qbench
 from pyctl.qemu import bench_cpr as qbench_cpr
 from pyctl.qemu import cli as qemu_cli
@@ -387,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"{prog}: {_one_line(e)} (see {prog} --help)", file=sys.stderr)
         return EXIT_USAGE
-    except (KvmluError, QemuError, OSError) as e:
+    except OSError as e:  # KvmluError and every OS failure
         print(f"{prog}: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
 

@@ -21,11 +21,12 @@ than at each call site; the rest name what went wrong, not an errno::
      |                              an edu device on vfio-pci, a tool
      +-- RunError (RuntimeError)    a run went wrong: a VMM, a workload, a state
      |    +-- pyctl.upgrade.VmmError
+     |    +-- pyctl.qemu.QemuError  the nested guest or its QEMU
      +-- pyctl.vm.VmError           the test VM cannot be set up as asked
+          +-- pyctl.vm.VmUsageError options of kvmlu vm that cannot work
 
 Misuse of an API (a wrong type, an impossible value passed by code) stays a
-ValueError or TypeError. ``pyctl.qemu.QemuError`` has its own root (it is not
-an OSError); ``kvmlu`` reports both alike.
+ValueError or TypeError.
 """
 
 from __future__ import annotations

@@ -15,10 +15,12 @@ folder that the host shares read-write with the guest.
 The exit status is COMMAND's when it failed; otherwise 1 when a check failed
 (kernel-log finding, module that would not unload, setup error), 124 when the VM
 timed out and was killed, 125 when the guest wrote no status at all (kernel
-panic, crash, boot failure).  The results folder (default ``results/vm`` in the
-checkout) keeps ``status.json``, ``guest.log`` (what the guest printed),
-``kmsg.log`` (the kernel log of the run) and ``console.log`` (the kernel
-console, which is where a panic ends up).
+panic, crash, boot failure); before booting, 2 for options that do not fit and
+3 when the machine lacks what the VM needs (the kernel, a module built for
+it).  The results folder (default ``results/vm`` in the checkout) keeps
+``status.json``, ``guest.log`` (what the guest printed), ``kmsg.log`` (the
+kernel log of the run) and ``console.log`` (the kernel console, which is where
+a panic ends up).
 
 virtme-ng details this relies on (1.42):
 
@@ -53,7 +55,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from pyctl import klog
-from pyctl.errors import KvmluError
+from pyctl.errors import KvmluError, UsageError
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 DEFAULT_MODULES = ("kmod/kvmlu.ko", "kmod/kvmlu_vapic_v1.ko", "kmod/kvmlu_vapic_v2.ko")
@@ -69,6 +71,10 @@ DEFAULT_CPU_MODEL = "max"
 CONSOLE_LOGLEVEL = 5
 
 EXIT_CHECK_FAILED = 1
+#: Before any boot: options that do not fit (2), or a machine that lacks what
+#: the VM needs, such as the kernel or a module built for it (3).
+EXIT_USAGE = 2
+EXIT_SETUP = 3
 EXIT_TIMEOUT = 124
 EXIT_NO_STATUS = 125
 EXIT_INTERRUPTED = 130
@@ -78,6 +84,10 @@ Accel = Literal["tcg", "kvm"]
 
 class VmError(KvmluError):
     """The VM cannot be set up as asked (no kernel, missing module, no vng...)."""
+
+
+class VmUsageError(VmError, UsageError):
+    """Options of ``kvmlu vm`` that cannot work whatever the machine has."""
 
 
 @dataclass(frozen=True)
@@ -601,6 +611,19 @@ def options_from_args(args: argparse.Namespace) -> VmOptions:
     command = list(command or [])
     if command[:1] == ["--"]:
         command = command[1:]
+    if not args.cpu_model or any(c.isspace() for c in args.cpu_model):
+        raise VmUsageError(f"--cpu {args.cpu_model!r}: a QEMU CPU model has no spaces")
+    for item in args.vm_env:
+        if "=" not in item:
+            raise VmUsageError(f"--env {item!r}: expected KEY=VALUE")
+    if (
+        args.edu < 0
+        or args.memory <= 0
+        or args.cpus <= 0
+        or args.timeout <= 0
+        or args.scratch_mb < 0
+    ):
+        raise VmUsageError("--edu, --memory, --cpus and --timeout must be positive")
     kernel = find_kernel(args.kernel)
     if args.no_modules:
         modules: list[Path] = []
@@ -609,19 +632,6 @@ def options_from_args(args: argparse.Namespace) -> VmOptions:
     else:
         modules = [CHECKOUT / m for m in DEFAULT_MODULES if (CHECKOUT / m).is_file()]
     check_modules(modules, kernel)
-    if not args.cpu_model or any(c.isspace() for c in args.cpu_model):
-        raise VmError(f"--cpu {args.cpu_model!r}: a QEMU CPU model has no spaces")
-    for item in args.vm_env:
-        if "=" not in item:
-            raise VmError(f"--env {item!r}: expected KEY=VALUE")
-    if (
-        args.edu < 0
-        or args.memory <= 0
-        or args.cpus <= 0
-        or args.timeout <= 0
-        or args.scratch_mb < 0
-    ):
-        raise VmError("--edu, --memory, --cpus and --timeout must be positive")
     return VmOptions(
         kernel=kernel,
         command=command,
@@ -647,9 +657,12 @@ def main(args: argparse.Namespace) -> int:
     """Run ``kvmlu vm`` with parsed arguments; return the exit status."""
     try:
         opts = options_from_args(args)
+    except VmUsageError as e:
+        _note(f"error: {e}")
+        return EXIT_USAGE
     except VmError as e:
         _note(f"error: {e}")
-        return 2
+        return EXIT_SETUP
     if args.dry_run:
         print(shlex.join(build_command(opts)))
         return 0

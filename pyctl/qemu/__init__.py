@@ -11,7 +11,8 @@ test VM through the function's sysfs BAR, independently of the guest's vCPUs;
 :mod:`pyctl.qemu.check` raises N and checks that the guest counted exactly N;
 :mod:`pyctl.qemu.cli` is ``kvmlu qemu``.
 
-Errors::
+Errors (under :class:`pyctl.errors.RunError`, so ``kvmlu`` reports them as
+every other failure)::
 
     QemuError
      +-- GuestBootError      QEMU exited, or the guest never said READY
@@ -21,8 +22,10 @@ Errors::
 
 from __future__ import annotations
 
+from pyctl.errors import RunError
 
-class QemuError(Exception):
+
+class QemuError(RunError):
     """Root of the errors of the nested guest and its QEMU."""
 
 

@@ -697,10 +697,11 @@ def test_a_runtime_error_is_one_line_exit_3(
 
 
 def test_one_root_for_what_pyctl_raises() -> None:
-    for cls in (RunError, SetupError, UsageError, VfioError, vm.VmError, upgrade.VmmError):
+    for cls in (RunError, SetupError, UsageError, VfioError, vm.VmError, upgrade.VmmError,
+                QemuError, vm.VmUsageError):  # fmt: skip
         assert issubclass(cls, KvmluError), cls
     # Still what callers caught before the root existed.
     assert issubclass(upgrade.VmmError, RuntimeError)
     assert issubclass(RunError, RuntimeError)
-    # pyctl.qemu keeps its own root (not an OSError); kvmlu reports it alike.
-    assert not issubclass(QemuError, KvmluError)
+    assert issubclass(QemuError, RunError)
+    assert issubclass(vm.VmUsageError, UsageError)

@@ -271,8 +271,16 @@ def test_cli_cpu_option(kernel_tree: Path, capsys) -> None:
 def test_cli_rejects_a_missing_module(kernel_tree: Path, tmp_path: Path, capsys) -> None:
     args = parse(["vm", "--kernel", str(kernel_tree), "--module", str(tmp_path / "x.ko"),
                   "--dry-run", "--", "true"])  # fmt: skip
-    assert vm.main(args) == 2
+    assert vm.main(args) == 3
     assert "not found" in capsys.readouterr().err
+
+
+def test_cli_bad_options_exit_2(kernel_tree: Path, capsys) -> None:
+    args = parse(
+        ["vm", "--kernel", str(kernel_tree), "--env", "NOEQUALS", "--dry-run", "--", "true"]
+    )
+    assert vm.main(args) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
 
 
 def test_command_list_required(kernel_tree: Path) -> None:
