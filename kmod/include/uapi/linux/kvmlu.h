@@ -276,9 +276,15 @@ struct kvmlu_table_set_notify {
  * @vcpu: Input. The descriptor's index in the table.
  * @suppress: Input. 1 sets SN, 0 clears it; other values are refused.
  *
- * While SN is set, a post sets its PIR bit and nothing else. Clearing SN
- * while PIR holds a vector sets ON and, if ON was clear, signals the
- * notification target, so nothing posted while suppressed stays unnoticed.
+ * While SN is set, a post sets its PIR bit and nothing else. Each post
+ * decides on SN and ON in one atomic step of the control word, so once
+ * setting SN has returned no post sets ON until SN is cleared (ON itself is
+ * left as it is: a FETCH clears it, and it then stays clear). A post that set
+ * ON before SN was set may still be signalling the target as the call
+ * returns. Clearing SN while PIR holds a vector sets ON in the same step and,
+ * if ON was clear, signals the notification target once, so nothing posted
+ * while suppressed stays unnoticed; a post racing the clear either sees SN
+ * clear or is seen by it.
  */
 struct kvmlu_table_set_sn {
 	__u32 size;
