@@ -50,7 +50,8 @@
  *    that fails there had changed nothing either.
  *  - EINVAL: @size below the minimum, unknown @flags, a non-zero reserved
  *    field, a value outside its defined set, or a file descriptor of the
- *    wrong type (for example one that is not an eventfd).
+ *    wrong type (for example one that is not an eventfd); a vAPIC blob
+ *    whose records hold a vector 0..31.
  *  - E2BIG: @size beyond the kernel's structure with non-zero bytes there.
  *  - ERANGE: a vCPU index at or beyond the table's vCPU count, a vector or
  *    notification vector outside 32..255, a vCPU count outside
@@ -466,10 +467,12 @@ struct kvmlu_binding_info {
  * what was posted while the state travelled stays pending.
  *
  * LOAD's errors: EINVAL for a blob shorter than its header or its stated
- * size, or with sizes that do not add up; EBADMSG for a wrong magic or
- * checksum; ERANGE for a vCPU count other than the table's;
- * EPROTONOSUPPORT for a format version this module does not read. A refused
- * LOAD changes nothing.
+ * size, or with sizes that do not add up, or a record with any of vectors
+ * 0..31 in IRR, ISR or TMR; EBADMSG for a wrong magic or checksum; ERANGE
+ * for a vCPU count other than the table's, in either format (a whole blob
+ * of more than KVMLU_MAX_VCPUS vCPUs gets ERANGE before its checksum is
+ * read); EPROTONOSUPPORT for a format version this module does not read. A
+ * refused LOAD changes nothing.
  */
 
 /* Commands on /dev/kvmlu_vapic_v<N>. */
