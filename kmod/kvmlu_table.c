@@ -8,12 +8,25 @@
  * operations in this file; kvmlu_post() is the one posting engine, used by the
  * POST ioctl and by IRQ bindings (kvmlu_binding.c) alike.
  *
+ * ON and SN live in one 64-bit control word, and every decision that depends
+ * on both is one compare-and-exchange of that word: a post sets ON only if SN
+ * is clear in the same step, SET_SN sets SN in one step (ON as it is), and
+ * clears it in one step that also sets ON if PIR looked non-empty. No post
+ * or attach ever sets ON while SN is set: once SET_SN(1) has returned, ON
+ * only stays as it was (a post that set it just before may still be
+ * signalling), and after a FETCH it stays clear until SN is cleared, as with
+ * VT-d.
+ *
  * Ordering: a post sets its PIR bit with a fully ordered test-and-set and only
- * then looks at SN and ON. Clearing SN is followed by a full barrier and a look
- * at PIR. Of a post and a concurrent SN clear, at least one sees the other, so
- * a vector posted while SN goes away always ends with ON set and the target
- * signalled. A fetch clears ON before it takes the PIR words, so a vector
- * posted during a fetch is either taken or finds ON clear and signals.
+ * then reads the control word. Clearing SN is a successful cmpxchg, also fully
+ * ordered; if it did not set ON, PIR is read again after it, and a vector
+ * found there sets ON with the same step a post uses. Of a post and a
+ * concurrent SN clear, at least one sees the other (the post sees SN clear,
+ * or the second look sees the PIR bit), so a vector posted while SN goes away
+ * always ends with ON set and the target signalled exactly once: the cmpxchg
+ * lets only one of them take ON from 0 to 1. A fetch clears ON before it
+ * takes the PIR words, so a vector posted during a fetch is either taken or
+ * finds ON clear and signals.
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
@@ -30,6 +43,8 @@
 #include "kvmlu_compat.h"
 #include "kvmlu_internal.h"
 
+#define KVMLU_PI_ON		BIT_ULL(KVMLU_PI_ON_BIT)
+#define KVMLU_PI_SN		BIT_ULL(KVMLU_PI_SN_BIT)
 #define KVMLU_PI_CONFIG_MASK \
 	((KVMLU_PI_NV_MASK << KVMLU_PI_NV_SHIFT) | \
 	 (KVMLU_PI_NDST_MASK << KVMLU_PI_NDST_SHIFT))
@@ -97,6 +112,24 @@ static bool kvmlu_pir_empty(struct kvmlu_pi_desc *desc)
 		if (READ_ONCE(desc->pir[i]))
 			return false;
 	return true;
+}
+
+/*
+ * Set ON if neither SN nor ON is set, in one compare-and-exchange of the
+ * control word, so that ON is never set on the strength of an SN that has
+ * been set meanwhile. Returns the control word as the step found it: ON went
+ * from 0 to 1 if and only if it has neither KVMLU_PI_SN nor KVMLU_PI_ON.
+ * Any context; lockless.
+ */
+static u64 kvmlu_raise_on(struct kvmlu_pi_desc *desc)
+{
+	u64 ctl = READ_ONCE(desc->control);
+
+	do {
+		if (ctl & (KVMLU_PI_SN | KVMLU_PI_ON))
+			return ctl;
+	} while (!try_cmpxchg64(&desc->control, &ctl, ctl | KVMLU_PI_ON));
+	return ctl;
 }
 
 /*
@@ -176,13 +209,15 @@ static u32 kvmlu_post_one(struct kvmlu_table *table, u32 vcpu, u32 vector,
 			  bool defer)
 {
 	struct kvmlu_pi_desc *desc = &table->desc[vcpu];
+	u64 old;
 
 	if (test_and_set_bit(vector, kvmlu_pir(desc)))
 		return KVMLU_POST_COALESCED;
 	/* The test-and-set above is fully ordered: see the file comment. */
-	if (test_bit(KVMLU_PI_SN_BIT, kvmlu_ctl(desc)))
+	old = kvmlu_raise_on(desc);
+	if (old & KVMLU_PI_SN)
 		return KVMLU_POST_SUPPRESSED;
-	if (test_and_set_bit(KVMLU_PI_ON_BIT, kvmlu_ctl(desc)))
+	if (old & KVMLU_PI_ON)
 		return 0;
 	kvmlu_notify(table, vcpu, defer);
 	return KVMLU_POST_NOTIFIED;
@@ -294,11 +329,11 @@ static void kvmlu_attach(struct kvmlu_table *table, u32 vcpu)
 	struct kvmlu_vcpu *v = &table->vcpus[vcpu];
 
 	lockdep_assert_held(&table->lock);
-	if (!test_bit(KVMLU_PI_SN_BIT, kvmlu_ctl(desc)) &&
-	    !kvmlu_pir_empty(desc) &&
-	    !test_and_set_bit(KVMLU_PI_ON_BIT, kvmlu_ctl(desc)))
+	/* SN and ON are decided in one step, as a post does. */
+	if (!kvmlu_pir_empty(desc) &&
+	    !(kvmlu_raise_on(desc) & (KVMLU_PI_SN | KVMLU_PI_ON)))
 		atomic64_inc(&table->counters.notified);
-	if (test_bit(KVMLU_PI_ON_BIT, kvmlu_ctl(desc)) && v->notify)
+	if ((READ_ONCE(desc->control) & KVMLU_PI_ON) && v->notify)
 		kvmlu_eventfd_signal(v->notify, 1);
 }
 
@@ -349,6 +384,8 @@ static int kvmlu_table_set_sn(struct kvmlu_ucmd *ucmd)
 	struct kvmlu_table_set_sn *ss = ucmd->cmd;
 	struct kvmlu_table *table = ucmd->obj;
 	struct kvmlu_pi_desc *desc;
+	bool rose;
+	u64 ctl, new;
 
 	if (ss->flags)
 		return -EINVAL;
@@ -358,15 +395,29 @@ static int kvmlu_table_set_sn(struct kvmlu_ucmd *ucmd)
 		return -EINVAL;
 
 	desc = &table->desc[ss->vcpu];
+	ctl = READ_ONCE(desc->control);
 	if (ss->suppress) {
-		set_bit(KVMLU_PI_SN_BIT, kvmlu_ctl(desc));
+		/* ON stays as it is; no post sets it after this step. */
+		while (!try_cmpxchg64(&desc->control, &ctl, ctl | KVMLU_PI_SN))
+			;
 		return 0;
 	}
-	clear_bit(KVMLU_PI_SN_BIT, kvmlu_ctl(desc));
-	/* Pairs with the test-and-set of PIR in kvmlu_post(). */
-	smp_mb__after_atomic();
-	if (!kvmlu_pir_empty(desc) &&
-	    !test_and_set_bit(KVMLU_PI_ON_BIT, kvmlu_ctl(desc))) {
+	/* Clear SN, and set ON in the same step if a vector is pending. */
+	do {
+		new = ctl & ~KVMLU_PI_SN;
+		if (!kvmlu_pir_empty(desc))
+			new |= KVMLU_PI_ON;
+	} while (!try_cmpxchg64(&desc->control, &ctl, new));
+	rose = !(ctl & KVMLU_PI_ON) && (new & KVMLU_PI_ON);
+	/*
+	 * PIR looked empty before SN went. The cmpxchg is fully ordered and
+	 * pairs with the test-and-set of PIR in kvmlu_post(): look again, for
+	 * a post that still saw SN set (see the file comment).
+	 */
+	if (!(new & KVMLU_PI_ON) && !kvmlu_pir_empty(desc))
+		rose = !(kvmlu_raise_on(desc) &
+			 (KVMLU_PI_SN | KVMLU_PI_ON));
+	if (rose) {
 		atomic64_inc(&table->counters.notified);
 		kvmlu_notify(table, ss->vcpu, false);
 	}

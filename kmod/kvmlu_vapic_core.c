@@ -228,14 +228,18 @@ static int kvmlu_vapic_save(struct kvmlu_ucmd *ucmd)
 	return ret ? ret : kvmlu_ucmd_respond(ucmd, sizeof(*sv));
 }
 
-/* Check a blob's header against this module and @va; see the uAPI DOC. */
+/*
+ * Check a blob's header against this module and @va; see the uAPI DOC.
+ * @len is what userspace passed, @copied what was copied of it (at most a
+ * version 2 blob of the largest table).
+ */
 static int kvmlu_vapic_check_blob(struct kvmlu_vapic *va, const u8 *blob,
-				  size_t len)
+				  size_t len, size_t copied)
 {
 	const struct kvmlu_vapic_blob *hdr = (const void *)blob;
 	size_t rec;
 
-	if (len < sizeof(*hdr))
+	if (copied < sizeof(*hdr))
 		return -EINVAL;
 	if (hdr->magic != KVMLU_VAPIC_MAGIC)
 		return -EBADMSG;
@@ -246,11 +250,36 @@ static int kvmlu_vapic_check_blob(struct kvmlu_vapic *va, const u8 *blob,
 	    hdr->size != sizeof(*hdr) + (u64)hdr->nr_vcpus * rec ||
 	    hdr->size > len)
 		return -EINVAL;
+	/*
+	 * A whole blob of more vCPUs than any table has is not for this one,
+	 * in either format; it was not copied whole, so its checksum is not
+	 * read. Below the limit, hdr->size <= @copied.
+	 */
+	if (hdr->nr_vcpus > KVMLU_MAX_VCPUS)
+		return -ERANGE;
 	if (kvmlu_vapic_crc(blob + sizeof(*hdr), hdr->size - sizeof(*hdr)) !=
 	    hdr->checksum)
 		return -EBADMSG;
 	if (hdr->nr_vcpus != va->nr_vcpus)
 		return -ERANGE;
+	return 0;
+}
+
+/* Vectors 0..31 are exceptions: no record may hold one pending or in service. */
+static int kvmlu_vapic_check_records(const struct kvmlu_vapic_blob *hdr,
+				     const u8 *p)
+{
+	u32 i, m;
+	u64 w;
+
+	for (i = 0; i < hdr->nr_vcpus; i++, p += hdr->vcpu_size) {
+		/* IRR, ISR, TMR (v2): vectors 0..31 are their word 0's low half. */
+		for (m = 0; m < (hdr->version >= 2 ? 3 : 2); m++) {
+			memcpy(&w, p + m * 4 * sizeof(u64), sizeof(w));
+			if (lower_32_bits(w))
+				return -EINVAL;
+		}
+	}
 	return 0;
 }
 
@@ -280,12 +309,15 @@ static int kvmlu_vapic_load(struct kvmlu_ucmd *ucmd)
 	blob = vmemdup_user(u64_to_user_ptr(ld->buf), min(len, max));
 	if (IS_ERR(blob))
 		return PTR_ERR(blob);
-	ret = kvmlu_vapic_check_blob(va, blob, min(len, max));
+	ret = kvmlu_vapic_check_blob(va, blob, len, min(len, max));
+	if (ret)
+		goto out;
+	hdr = (const void *)blob;
+	p = blob + sizeof(*hdr);
+	ret = kvmlu_vapic_check_records(hdr, p);
 	if (ret)
 		goto out;
 
-	hdr = (const void *)blob;
-	p = blob + sizeof(*hdr);
 	mutex_lock(&va->lock);
 	for (i = 0; i < va->nr_vcpus; i++, p += hdr->vcpu_size) {
 		struct kvmlu_vapic_regs *r = &va->regs[i];

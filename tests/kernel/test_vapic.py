@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import threading
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from pyctl.edu import Edu, find_vfio_edu
 from pyctl.errors import KvmluError
 from pyctl.kvmlu import Device, Table
 from pyctl.swap import load_module, swap, unload
+from pyctl.uapi import lib
 from pyctl.vapic import BLOB_HEADER, Vapic, VapicDevice, blob_header, rewrite_blob
 
 V2_PARAM = Path("/sys/module/kvmlu_vapic_v2/parameters/allow_test_flags")
@@ -201,6 +203,72 @@ def test_wrong_vcpu_count_refused(dev: Device, v2: VapicDevice, saved: int, load
         assert [b.get(v) for v in range(loaded)] == before
 
 
+def _whole_blob(fmt: int, nr_vcpus: int) -> bytes:
+    """A well-formed blob of ``nr_vcpus`` empty records in format ``fmt``."""
+    rec = 64 if fmt == 1 else 1120
+    body = bytes(nr_vcpus * rec)
+    size = BLOB_HEADER.size + len(body)
+    hdr = BLOB_HEADER.pack(
+        lib.KVMLU_VAPIC_MAGIC, fmt, BLOB_HEADER.size, size, nr_vcpus, rec, zlib.crc32(body)
+    )
+    return hdr + body
+
+
+@pytest.mark.parametrize("module,fmt", [(1, 1), (2, 1), (2, 2)])
+def test_vcpu_count_beyond_max_is_erange(table: Table, module: int, fmt: int) -> None:
+    """A whole, well-formed blob of KVMLU_MAX_VCPUS + 1 vCPUs is ERANGE in
+    both formats (a version 2 one was EINVAL: LOAD copies at most a blob of
+    the largest table and called the rest missing), and changes nothing."""
+    nr = lib.KVMLU_MAX_VCPUS + 1
+    with VapicDevice(module) as vd, vd.create(table) as va:
+        table.post(2, 0x51)
+        va.sync(2)
+        va.ack(2)
+        before = [va.get(v) for v in range(table.nr_vcpus)]
+        blob = _whole_blob(fmt, nr)
+        assert blob_header(blob)["size"] == len(blob)
+        assert _err(va.load, blob) == errno.ERANGE
+        # Cut short it is still a truncated blob: EINVAL.
+        assert _err(va.load, blob[:-1]) == errno.EINVAL
+        assert [va.get(v) for v in range(table.nr_vcpus)] == before
+
+
+def _set_bit(blob: bytes, vcpu: int, reg: int, vector: int) -> bytes:
+    """``blob`` with ``vector`` set in register ``reg`` (0 IRR, 1 ISR, 2 TMR)
+    of ``vcpu``'s record, and its checksum fixed."""
+    rec = blob_header(blob)["vcpu_size"]
+    b = bytearray(blob)
+    off = BLOB_HEADER.size + vcpu * rec + reg * 32 + vector // 8
+    b[off] |= 1 << (vector % 8)
+    return rewrite_blob(bytes(b))
+
+
+@pytest.mark.parametrize(
+    "module,fmt,reg",
+    [(1, 1, 0), (1, 1, 1), (2, 1, 0), (2, 1, 1), (2, 2, 0), (2, 2, 1), (2, 2, 2)],
+)
+@pytest.mark.parametrize("vector", [0, 31])
+def test_load_refuses_exception_vectors(
+    table: Table, module: int, fmt: int, reg: int, vector: int
+) -> None:
+    """A record with a vector 0..31 in IRR, ISR or TMR is EINVAL and changes
+    nothing (vectors below 32 are never posted; LOAD took them); vector 32
+    in the same place loads."""
+    with VapicDevice(module) as vd, vd.create(table) as va:
+        table.post(6, 0x90)
+        va.sync(6)
+        va.ack(6)
+        table.post(6, 0x91)
+        va.sync(6)
+        good = va.save(fmt)
+        before = [va.get(v) for v in range(table.nr_vcpus)]
+        assert _err(va.load, _set_bit(good, 6, reg, vector)) == errno.EINVAL
+        assert [va.get(v) for v in range(table.nr_vcpus)] == before
+        va.load(_set_bit(good, 6, reg, 32))
+        s = va.get(6)
+        assert 32 in (s.irr, s.isr, s.tmr)[reg]
+
+
 def test_create_on_non_table(dev: Device, v1: VapicDevice, efd: int) -> None:
     assert _err(v1.create, efd) == errno.EINVAL
     assert _err(v1.create, dev.fd) == errno.EINVAL
@@ -302,9 +370,9 @@ def test_v2_saves_v1_format_for_the_way_back(
         assert _err(new.save, format=3) == errno.EPROTONOSUPPORT
         v2blob = bytearray(new.save())
         off = BLOB_HEADER.size + 64  # vCPU 0's TMR
-        v2blob[off] = 0x01
+        v2blob[off + 8] = 0x01  # vector 64 (0..31 are refused)
         new.load(rewrite_blob(bytes(v2blob)))
-        assert new.get(0).tmr == {0}
+        assert new.get(0).tmr == {0x40}
         assert _err(new.save, format=1) == errno.EOPNOTSUPP
 
 

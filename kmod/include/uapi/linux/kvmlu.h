@@ -50,7 +50,8 @@
  *    that fails there had changed nothing either.
  *  - EINVAL: @size below the minimum, unknown @flags, a non-zero reserved
  *    field, a value outside its defined set, or a file descriptor of the
- *    wrong type (for example one that is not an eventfd).
+ *    wrong type (for example one that is not an eventfd); a vAPIC blob
+ *    whose records hold a vector 0..31.
  *  - E2BIG: @size beyond the kernel's structure with non-zero bytes there.
  *  - ERANGE: a vCPU index at or beyond the table's vCPU count, a vector or
  *    notification vector outside 32..255, a vCPU count outside
@@ -276,9 +277,15 @@ struct kvmlu_table_set_notify {
  * @vcpu: Input. The descriptor's index in the table.
  * @suppress: Input. 1 sets SN, 0 clears it; other values are refused.
  *
- * While SN is set, a post sets its PIR bit and nothing else. Clearing SN
- * while PIR holds a vector sets ON and, if ON was clear, signals the
- * notification target, so nothing posted while suppressed stays unnoticed.
+ * While SN is set, a post sets its PIR bit and nothing else. Each post
+ * decides on SN and ON in one atomic step of the control word, so once
+ * setting SN has returned no post sets ON until SN is cleared (ON itself is
+ * left as it is: a FETCH clears it, and it then stays clear). A post that set
+ * ON before SN was set may still be signalling the target as the call
+ * returns. Clearing SN while PIR holds a vector sets ON in the same step and,
+ * if ON was clear, signals the notification target once, so nothing posted
+ * while suppressed stays unnoticed; a post racing the clear either sees SN
+ * clear or is seen by it.
  */
 struct kvmlu_table_set_sn {
 	__u32 size;
@@ -460,10 +467,12 @@ struct kvmlu_binding_info {
  * what was posted while the state travelled stays pending.
  *
  * LOAD's errors: EINVAL for a blob shorter than its header or its stated
- * size, or with sizes that do not add up; EBADMSG for a wrong magic or
- * checksum; ERANGE for a vCPU count other than the table's;
- * EPROTONOSUPPORT for a format version this module does not read. A refused
- * LOAD changes nothing.
+ * size, or with sizes that do not add up, or a record with any of vectors
+ * 0..31 in IRR, ISR or TMR; EBADMSG for a wrong magic or checksum; ERANGE
+ * for a vCPU count other than the table's, in either format (a whole blob
+ * of more than KVMLU_MAX_VCPUS vCPUs gets ERANGE before its checksum is
+ * read); EPROTONOSUPPORT for a format version this module does not read. A
+ * refused LOAD changes nothing.
  */
 
 /* Commands on /dev/kvmlu_vapic_v<N>. */
