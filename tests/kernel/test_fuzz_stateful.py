@@ -53,6 +53,10 @@ from pyctl.upgrade import MsiCounter
 from pyctl.vapic import Vapic, VapicDevice
 
 EXAMPLES = int(os.environ.get("KVMLU_FUZZ_EXAMPLES", "40"))
+#: How long a step waits for what must happen (an MSI landing, a deferred
+#: notification) before it fails: long enough for a TCG test VM on a loaded
+#: host; a correct run never waits it out.
+LANDING_WAIT = 30.0
 # Programs per Hypothesis run. A run remembers every program it tried, about
 # 75 MB per 1,000 of them, so a long fuzz is many runs, each from its own seed.
 CHUNK = 500
@@ -354,7 +358,7 @@ class KvmluMachine(RuleBasedStateMachine):
             before = counter.count()
             signals = binding.info().stats.signals if binding is not None else 0
             edu.raise_irq()
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + LANDING_WAIT
             while counter.count() == before:
                 assert time.monotonic() < deadline, "the edu MSI did not land"
                 time.sleep(0.0002)
@@ -363,7 +367,7 @@ class KvmluMachine(RuleBasedStateMachine):
                     assert time.monotonic() < deadline, "the MSI was not posted"
                     time.sleep(0.0002)
             else:
-                assert wait_readable(self.srcs[s], 5), "VFIO did not signal the eventfd"
+                assert wait_readable(self.srcs[s], LANDING_WAIT), "VFIO did not signal the eventfd"
             self._fired(s, 1)
 
     def _fired(self, s: int, n: int) -> None:
@@ -587,7 +591,8 @@ class KvmluMachine(RuleBasedStateMachine):
     def signals_match(self) -> None:
         owed = [sum(m.signals.get(i, 0) for m in self.model.values()) for i in (0, 1)]
         owed = [o + gone for o, gone in zip(owed, self.gone, strict=True)]
-        deadline = time.monotonic() + 5  # binding notifications come from an irq_work
+        # Binding notifications come from an irq_work.
+        deadline = time.monotonic() + LANDING_WAIT
         while True:
             for i, fd in enumerate(self.targets):
                 self.received[i] += _drain(fd)
