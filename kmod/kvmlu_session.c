@@ -8,10 +8,21 @@
  * holds a reference on this module. Preserved files are kept with a file
  * reference each, so what they stand for -- a binding, a table, a VFIO device
  * with its MSI triggers -- lives on with no process holding it.
+ *
+ * A session belongs to its creator: the effective uid and user namespace of
+ * the task that issued CREATE_SESSION. Names are unique per owner. Only the
+ * owner, or a task with CAP_SYS_ADMIN in the owner's user namespace (which
+ * includes its ancestors' administrators and the namespace's creator), can
+ * retrieve a session or see it listed; to anyone else it does not exist.
+ * Identity is the calling task's at each ioctl, not that of the opener of
+ * /dev/kvmlu: a device fd handed to a VMM lends it no one else's sessions.
+ * An open session fd, by contrast, is a capability like any other file.
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
 #include <linux/anon_inodes.h>
+#include <linux/capability.h>
+#include <linux/cred.h>
 #include <linux/eventfd.h>
 #include <linux/file.h>
 #include <linux/fs.h>
@@ -19,6 +30,8 @@
 #include <linux/slab.h>
 #include <linux/string.h>
 #include <linux/uaccess.h>
+#include <linux/uidgid.h>
+#include <linux/user_namespace.h>
 
 #include "kvmlu_internal.h"
 
@@ -37,7 +50,12 @@ struct kvmlu_object {
 /**
  * struct kvmlu_session - a named set of preserved files
  * @ref: References: the module's list and each session file.
- * @name: The name, NUL-terminated. Fixed.
+ * @name: The name, NUL-terminated, unique among @owner_ns/@owner_uid's
+ *	sessions. Fixed.
+ * @owner_uid: The creator's effective uid. Fixed.
+ * @owner_ns: The creator's user namespace; the session holds a reference,
+ *	so the namespace outlives every task in it while the session exists.
+ *	Fixed.
  * @node: Entry in kvmlu_sessions, under kvmlu_sessions_lock, until finish.
  * @held: Session files open. Under kvmlu_sessions_lock.
  * @lock: Protects @objects, @nr_objects and @finished.
@@ -48,6 +66,8 @@ struct kvmlu_object {
 struct kvmlu_session {
 	struct kref ref;
 	char name[KVMLU_SESSION_NAME_LEN];
+	kuid_t owner_uid;
+	struct user_namespace *owner_ns;
 	struct list_head node;
 	unsigned int held;
 	struct mutex lock; /* see above */
@@ -69,6 +89,7 @@ static void kvmlu_session_free(struct kref *ref)
 	struct kvmlu_session *s = container_of(ref, struct kvmlu_session, ref);
 
 	WARN_ON(!list_empty(&s->objects));
+	put_user_ns(s->owner_ns);
 	mutex_destroy(&s->lock);
 	kfree(s);
 }
@@ -93,15 +114,67 @@ static int kvmlu_session_name(char *dst, const __u8 *src)
 	return 0;
 }
 
-static struct kvmlu_session *kvmlu_session_find(const char *name)
+/* Is the calling task @s's owner: the same effective uid, in the same userns? */
+static bool kvmlu_session_owned(const struct kvmlu_session *s)
+{
+	return uid_eq(s->owner_uid, current_euid()) &&
+	       s->owner_ns == current_user_ns();
+}
+
+/*
+ * May the calling task retrieve @s: is it the owner, or capable of
+ * CAP_SYS_ADMIN over the owner's namespace? Without an audit record, for
+ * looking; kvmlu_session_resolve() uses the capability in earnest.
+ */
+static bool kvmlu_session_visible(const struct kvmlu_session *s)
+{
+	return kvmlu_session_owned(s) ||
+	       ns_capable_noaudit(s->owner_ns, CAP_SYS_ADMIN);
+}
+
+/* The calling task's own session called @name, or NULL. */
+static struct kvmlu_session *kvmlu_session_find_own(const char *name)
 {
 	struct kvmlu_session *s;
 
 	lockdep_assert_held(&kvmlu_sessions_lock);
 	list_for_each_entry(s, &kvmlu_sessions, node)
-		if (!strcmp(s->name, name))
+		if (!strcmp(s->name, name) && kvmlu_session_owned(s))
 			return s;
 	return NULL;
+}
+
+/*
+ * The session @name means to the calling task: its own if it has one; else
+ * the one session of that name it may take over with CAP_SYS_ADMIN.
+ * -ENOENT if there is none it may retrieve, -ENOTUNIQ if the sessions of
+ * several other owners qualify (the name does not say which).
+ */
+static struct kvmlu_session *kvmlu_session_resolve(const char *name)
+{
+	struct kvmlu_session *s, *found = NULL;
+	bool several = false;
+
+	lockdep_assert_held(&kvmlu_sessions_lock);
+	s = kvmlu_session_find_own(name);
+	if (s)
+		return s;
+	list_for_each_entry(s, &kvmlu_sessions, node) {
+		if (strcmp(s->name, name) ||
+		    !ns_capable_noaudit(s->owner_ns, CAP_SYS_ADMIN))
+			continue;
+		if (found) {
+			several = true;
+			break;
+		}
+		found = s;
+	}
+	if (several)
+		return ERR_PTR(-ENOTUNIQ);
+	/* Now use the capability: audit it and mark the task as privileged. */
+	if (!found || !ns_capable(found->owner_ns, CAP_SYS_ADMIN))
+		return ERR_PTR(-ENOENT);
+	return found;
 }
 
 /* Drop every object; the session is finished. Caller holds @s->lock. */
@@ -178,6 +251,8 @@ int kvmlu_create_session(struct kvmlu_ucmd *ucmd)
 		kfree(s);
 		return ret;
 	}
+	s->owner_uid = current_euid();
+	s->owner_ns = get_user_ns(current_user_ns());
 	/* The initial reference is the module list's. */
 	kref_init(&s->ref);
 	mutex_init(&s->lock);
@@ -185,7 +260,7 @@ int kvmlu_create_session(struct kvmlu_ucmd *ucmd)
 	INIT_LIST_HEAD(&s->node);
 
 	mutex_lock(&kvmlu_sessions_lock);
-	if (kvmlu_session_find(s->name))
+	if (kvmlu_session_find_own(s->name))
 		ret = -EEXIST;
 	else
 		ret = kvmlu_session_reply(ucmd, sc, s);
@@ -214,9 +289,9 @@ int kvmlu_retrieve_session(struct kvmlu_ucmd *ucmd)
 		return ret;
 
 	mutex_lock(&kvmlu_sessions_lock);
-	s = kvmlu_session_find(name);
-	if (!s)
-		ret = -ENOENT;
+	s = kvmlu_session_resolve(name);
+	if (IS_ERR(s))
+		ret = PTR_ERR(s);
 	else if (s->held)
 		ret = -EBUSY;
 	else
@@ -240,11 +315,14 @@ int kvmlu_list_sessions(struct kvmlu_ucmd *ucmd)
 	 * Snapshot the entries under the lock and copy them out after it, so
 	 * that an entries buffer that faults or stalls (userfaultfd, a slow
 	 * file) holds up no other caller. Sessions may come and go between
-	 * sizing and filling: size again until the room suffices.
+	 * sizing and filling: size again until the room suffices. Only the
+	 * sessions the caller may retrieve are counted and listed.
 	 */
 	for (;;) {
 		mutex_lock(&kvmlu_sessions_lock);
-		n = kvmlu_nr_sessions;
+		n = 0;
+		list_for_each_entry(s, &kvmlu_sessions, node)
+			n += kvmlu_session_visible(s);
 		want = min(n, ls->count);
 		if (want <= room)
 			break;
@@ -260,6 +338,8 @@ int kvmlu_list_sessions(struct kvmlu_ucmd *ucmd)
 
 		if (i == want)
 			break;
+		if (!kvmlu_session_visible(s))
+			continue;
 		e = &entries[i++];
 		memcpy(e->name, s->name, sizeof(e->name));
 		mutex_lock(&s->lock);

@@ -59,8 +59,13 @@
  *  - EBADF: a file descriptor field that names no open file.
  *  - EBUSY: the eventfd is bound to this table already; the session is
  *    held by an open session file descriptor.
- *  - EEXIST: a session of that name, or an object under that token, exists.
- *  - ENOENT: no session of that name, or no object under that token.
+ *  - EEXIST: the caller has a session of that name already, or an object
+ *    under that token exists.
+ *  - ENOENT: no session of that name that the caller may retrieve (another
+ *    owner's, unless the caller administers it, counts as none), or no
+ *    object under that token.
+ *  - ENOTUNIQ: the caller has no session of that name, and the sessions of
+ *    several owners it administers have it (see "Session owners").
  *  - EOPNOTSUPP: a file of a type a session cannot preserve.
  *  - ESTALE: the session was finished.
  *  - ENOSPC: a vAPIC blob does not fit the buffer given.
@@ -190,7 +195,8 @@ struct kvmlu_stats {
  * @capabilities: Output. KVMLU_CAP_* bits.
  * @nr_tables: Output. Tables that currently exist, in any process.
  * @nr_bindings: Output. IRQ bindings that currently exist.
- * @nr_sessions: Output. Sessions that currently exist (not finished).
+ * @nr_sessions: Output. Sessions that currently exist (not finished), of
+ *	every owner: a count, as @nr_tables, not a listing.
  * @reserved: Output. Zero.
  * @stats: Output. The posting counters of every table since the module was
  *	loaded, those closed included.
@@ -666,6 +672,43 @@ struct kvmlu_vapic_load {
  */
 
 /**
+ * DOC: Session owners
+ *
+ * A session belongs to the task that created it: its effective uid and its
+ * user namespace, as they are at CREATE_SESSION. The caller's identity is
+ * that of the calling task at each ioctl, not that of whoever opened
+ * /dev/kvmlu, so a device fd handed from a privileged launcher to a VMM
+ * lends the VMM nobody's sessions. (Linux's Live Update Orchestrator allows
+ * one opener of its device at a time instead; kvmlu serves several VMMs, of
+ * several users, at once.)
+ *
+ * RETRIEVE_SESSION and LIST_SESSIONS see a session only if the caller is
+ * its owner (same effective uid in the same user namespace), or has
+ * CAP_SYS_ADMIN in the owner's user namespace: root of the initial
+ * namespace, the administrator of any namespace above the owner's, and the
+ * user who created the owner's namespace. A session the caller may not
+ * retrieve is not listed and is ENOENT to RETRIEVE_SESSION, as if it did
+ * not exist; a refusal changes nothing. A process in a new user namespace is
+ * a new owner even if it is root there and mapped to the same kernel uid.
+ *
+ * Names are unique per owner, not globally: another user cannot take a
+ * name first to make CREATE_SESSION fail or to plant objects under it.
+ * RETRIEVE_SESSION looks for the caller's own session of that name first;
+ * only if there is none does it take another owner's it administers, and
+ * it refuses with ENOTUNIQ when several owners have one. LIST_SESSIONS then
+ * shows the name once per owner. A privileged successor should retrieve only
+ * names its predecessor said it created.
+ *
+ * A session keeps its owner's user namespace alive. When no task is left in
+ * that namespace the session stays, with its objects, and whoever
+ * administers the namespace (its creator, root) can still retrieve or
+ * finish it.
+ *
+ * Once opened, a session fd is a capability like any other file: whoever
+ * holds it (for example after SCM_RIGHTS) may use it, whatever its uid.
+ */
+
+/**
  * struct kvmlu_session_create - KVMLU_CREATE_SESSION or KVMLU_RETRIEVE_SESSION
  * @size: Input. sizeof(struct kvmlu_session_create).
  * @flags: Input. Must be zero.
@@ -673,9 +716,11 @@ struct kvmlu_vapic_load {
  * @fd: Output. The session's file descriptor (O_CLOEXEC).
  * @reserved: Must be zero.
  *
- * CREATE makes a new session (EEXIST if the name is taken). RETRIEVE opens
- * an existing one (ENOENT if there is none, EBUSY while any file descriptor
- * of that session is open).
+ * CREATE makes a new session owned by the caller (EEXIST if the caller has
+ * one of that name). RETRIEVE opens an existing one: the caller's own of
+ * that name, else the one of another owner the caller administers (ENOENT
+ * if there is none, ENOTUNIQ if there are several, EBUSY while any file
+ * descriptor of that session is open). See "Session owners".
  */
 struct kvmlu_session_create {
 	__u32 size;
@@ -707,7 +752,8 @@ struct kvmlu_session_entry {
  * @size: Input. sizeof(struct kvmlu_list_sessions).
  * @flags: Input. Must be zero.
  * @count: Input. Room in @entries, in entries.
- * @nr_sessions: Output. Sessions that exist; entries beyond @count were not
+ * @nr_sessions: Output. Sessions the caller may retrieve (see "Session
+ *	owners"); only those are listed. Entries beyond @count were not
  *	written.
  * @entries: Input. User address of an array of &struct kvmlu_session_entry.
  */
