@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("sessions", help="the sessions that exist")
+    p = sub.add_parser("sessions", help="the sessions you may retrieve")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_sessions)
 

@@ -402,7 +402,8 @@ class Device(_FdObject):
         return Session(int(arg.fd), name)
 
     def list_sessions(self) -> list[SessionEntry]:
-        """Every session that exists, with its object count and whether it is held."""
+        """The sessions the caller may retrieve (its own, or all it administers),
+        each with its object count and whether it is held."""
         while True:
             count = self.query().nr_sessions + 4
             entries = ffi.new("struct kvmlu_session_entry[]", count)
