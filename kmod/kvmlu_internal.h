@@ -19,6 +19,29 @@
 #error "kvmlu addresses PIR and control words as unsigned long bitmaps"
 #endif
 
+/*
+ * The version of the in-kernel interface kvmlu.ko exports to the vAPIC
+ * modules: the symbols in the KVMLU namespace and everything their callers
+ * see of kvmlu.ko without a symbol CRC covering it, above all the size of
+ * union kvmlu_ucmd_buffer on kvmlu.ko's stack and the meaning of each call.
+ * Bump it whenever any of that changes; a vAPIC module refuses to load on a
+ * kvmlu.ko whose kvmlu_kapi_version() differs from the one it was built with.
+ *
+ * 1: kvmlu_kapi_version() and kvmlu_ioctl_ops_check() exist;
+ *    kvmlu_table_take_pir() returns -ERANGE for a vCPU beyond the table.
+ */
+#define KVMLU_KAPI_VERSION	1
+
+/*
+ * The symbol namespace of that interface. Kernels before 6.13 take the
+ * namespace as a bare word and stringify it; later ones take the string.
+ */
+#ifdef KVMLU_HAVE_NS_TOKEN
+#define KVMLU_NS		KVMLU
+#else
+#define KVMLU_NS		"KVMLU"
+#endif
+
 /* The reply of any kvmlu ioctl spans at most this many pages. */
 #define KVMLU_REPLY_MAX_PAGES	2
 
@@ -109,6 +132,9 @@ union kvmlu_ucmd_buffer {
 	struct kvmlu_vapic_load vapic_load;
 };
 
+unsigned int kvmlu_kapi_version(void);
+int kvmlu_ioctl_ops_check(const char *owner, const struct kvmlu_ioctl_op *ops,
+			  size_t nr_ops, unsigned int base);
 long kvmlu_ioctl_dispatch(const struct kvmlu_ioctl_op *ops, size_t nr_ops,
 			  unsigned int base, unsigned int cmd,
 			  unsigned long arg, void *obj);
@@ -207,7 +233,7 @@ u32 kvmlu_post(struct kvmlu_table *table, u32 vcpu, u32 vector, u64 count,
 /* The in-kernel interface kvmlu.ko exports to the vAPIC modules. */
 struct kvmlu_table *kvmlu_table_from_fd(int fd);
 u32 kvmlu_table_nr_vcpus(struct kvmlu_table *table);
-void kvmlu_table_take_pir(struct kvmlu_table *table, u32 vcpu, u64 pir[4]);
+int kvmlu_table_take_pir(struct kvmlu_table *table, u32 vcpu, u64 pir[4]);
 
 int kvmlu_table_bind(struct kvmlu_ucmd *ucmd);
 bool kvmlu_is_table_file(struct file *file);

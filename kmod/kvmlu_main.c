@@ -46,8 +46,75 @@ static int kvmlu_ucmd_pin_reply(struct kvmlu_ucmd *ucmd, size_t len)
 }
 
 /**
+ * kvmlu_kapi_version() - the version of the interface this kvmlu.ko exports
+ *
+ * A vAPIC module compares it with the %KVMLU_KAPI_VERSION it was built with
+ * and refuses to load on any other: the symbol CRCs do not cover everything
+ * the two modules share (see kvmlu_internal.h).
+ *
+ * Context: any context.
+ * Return: %KVMLU_KAPI_VERSION as this module was built.
+ */
+unsigned int kvmlu_kapi_version(void)
+{
+	return KVMLU_KAPI_VERSION;
+}
+EXPORT_SYMBOL_NS_GPL(kvmlu_kapi_version, KVMLU_NS);
+
+/**
+ * kvmlu_ioctl_ops_check() - admit another module's dispatch table
+ * @owner: The module that owns @ops, for the log.
+ * @ops: The table, as it will be passed to kvmlu_ioctl_dispatch().
+ * @nr_ops: Entries in @ops.
+ * @base: The number of the first command in @ops.
+ *
+ * kvmlu_ioctl_dispatch() copies each command into a buffer on this module's
+ * stack, as large as this module's build of union kvmlu_ucmd_buffer; the
+ * size of a command comes from @ops, which another module's build filled.
+ * Each module that dispatches through kvmlu_ioctl_dispatch() calls this
+ * from its init, before it registers any file that does, and fails to load
+ * if it refuses: a module whose commands grew is stopped at insmod, while
+ * the module it was to replace still runs, rather than overrunning the
+ * stack on its first ioctl. Entries without a handler (holes) are skipped.
+ *
+ * Context: process context. Takes no lock.
+ * Return: 0; -EOVERFLOW if a command's structure is larger than this
+ * module's buffer, -EINVAL for an entry that contradicts itself (another
+ * ioctl type or number than its place in @ops says, or a minimum size below
+ * the size field or above the structure's size). Either is logged once.
+ */
+int kvmlu_ioctl_ops_check(const char *owner, const struct kvmlu_ioctl_op *ops,
+			  size_t nr_ops, unsigned int base)
+{
+	size_t i;
+
+	for (i = 0; i < nr_ops; i++) {
+		const struct kvmlu_ioctl_op *op = &ops[i];
+
+		if (!op->execute)
+			continue;
+		if (op->size > sizeof(union kvmlu_ucmd_buffer)) {
+			pr_err("%s: command 0x%x takes %u bytes, this kvmlu.ko's buffer %zu\n",
+			       owner, _IOC_NR(op->ioctl_num), op->size,
+			       sizeof(union kvmlu_ucmd_buffer));
+			return -EOVERFLOW;
+		}
+		if (_IOC_TYPE(op->ioctl_num) != KVMLU_IOCTL_TYPE ||
+		    _IOC_NR(op->ioctl_num) != base + i ||
+		    op->min_size < sizeof(u32) || op->min_size > op->size) {
+			pr_err("%s: dispatch entry %zu (ioctl 0x%x) is inconsistent\n",
+			       owner, i, op->ioctl_num);
+			return -EINVAL;
+		}
+	}
+	return 0;
+}
+EXPORT_SYMBOL_NS_GPL(kvmlu_ioctl_ops_check, KVMLU_NS);
+
+/**
  * kvmlu_ioctl_dispatch() - run one ioctl through a dispatch table
- * @ops: The file's commands, indexed by ioctl number minus @base.
+ * @ops: The file's commands, indexed by ioctl number minus @base. A table
+ *	of another module must have passed kvmlu_ioctl_ops_check().
  * @nr_ops: Entries in @ops.
  * @base: The number of the first command in @ops.
  * @cmd: The ioctl request.
@@ -107,7 +174,7 @@ long kvmlu_ioctl_dispatch(const struct kvmlu_ioctl_op *ops, size_t nr_ops,
 					    ucmd.nr_reply_pages, ucmd.replied);
 	return ret;
 }
-EXPORT_SYMBOL_GPL(kvmlu_ioctl_dispatch);
+EXPORT_SYMBOL_NS_GPL(kvmlu_ioctl_dispatch, KVMLU_NS);
 
 /**
  * kvmlu_ucmd_respond() - write a command's output fields back to the user
@@ -142,7 +209,7 @@ int kvmlu_ucmd_respond(struct kvmlu_ucmd *ucmd, size_t size)
 	ucmd->replied = true;
 	return 0;
 }
-EXPORT_SYMBOL_GPL(kvmlu_ucmd_respond);
+EXPORT_SYMBOL_NS_GPL(kvmlu_ucmd_respond, KVMLU_NS);
 
 /**
  * kvmlu_ucmd_reply_fd() - give the user a new file descriptor in the reply
@@ -171,7 +238,7 @@ int kvmlu_ucmd_reply_fd(struct kvmlu_ucmd *ucmd, size_t size, int fd,
 	fd_install(fd, file);
 	return 0;
 }
-EXPORT_SYMBOL_GPL(kvmlu_ucmd_reply_fd);
+EXPORT_SYMBOL_NS_GPL(kvmlu_ucmd_reply_fd, KVMLU_NS);
 
 static int kvmlu_query(struct kvmlu_ucmd *ucmd)
 {

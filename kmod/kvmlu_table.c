@@ -279,7 +279,7 @@ void kvmlu_table_put(struct kvmlu_table *table)
 {
 	kref_put(&table->ref, kvmlu_table_free);
 }
-EXPORT_SYMBOL_GPL(kvmlu_table_put);
+EXPORT_SYMBOL_NS_GPL(kvmlu_table_put, KVMLU_NS);
 
 static int kvmlu_table_release(struct inode *inode, struct file *file)
 {
@@ -559,13 +559,13 @@ struct kvmlu_table *kvmlu_table_from_fd(int fd)
 	fput(file);
 	return table;
 }
-EXPORT_SYMBOL_GPL(kvmlu_table_from_fd);
+EXPORT_SYMBOL_NS_GPL(kvmlu_table_from_fd, KVMLU_NS);
 
 u32 kvmlu_table_nr_vcpus(struct kvmlu_table *table)
 {
 	return table->nr_vcpus;
 }
-EXPORT_SYMBOL_GPL(kvmlu_table_nr_vcpus);
+EXPORT_SYMBOL_NS_GPL(kvmlu_table_nr_vcpus, KVMLU_NS);
 
 /**
  * kvmlu_table_take_pir() - take a vCPU's pending vectors, as FETCH does
@@ -575,19 +575,28 @@ EXPORT_SYMBOL_GPL(kvmlu_table_nr_vcpus);
  *
  * Clears ON, then exchanges each PIR word with zero (see the file comment).
  * Any context.
+ *
+ * Return: 0, or -ERANGE (with @pir zeroed and no descriptor touched) for a
+ * @vcpu at or beyond the table's vCPU count.
  */
-void kvmlu_table_take_pir(struct kvmlu_table *table, u32 vcpu, u64 pir[4])
+int kvmlu_table_take_pir(struct kvmlu_table *table, u32 vcpu, u64 pir[4])
 {
-	struct kvmlu_pi_desc *desc = &table->desc[vcpu];
+	struct kvmlu_pi_desc *desc;
 	int i;
 
+	if (vcpu >= table->nr_vcpus) {
+		memset(pir, 0, 4 * sizeof(*pir));
+		return -ERANGE;
+	}
+	desc = &table->desc[vcpu];
 	clear_bit(KVMLU_PI_ON_BIT, kvmlu_ctl(desc));
 	/* ON is clear before any PIR word is taken: see the file comment. */
 	smp_mb__after_atomic();
 	for (i = 0; i < ARRAY_SIZE(desc->pir); i++)
 		pir[i] = xchg(&desc->pir[i], 0);
+	return 0;
 }
-EXPORT_SYMBOL_GPL(kvmlu_table_take_pir);
+EXPORT_SYMBOL_NS_GPL(kvmlu_table_take_pir, KVMLU_NS);
 
 /**
  * kvmlu_table_create() - allocate a table and the file that owns it

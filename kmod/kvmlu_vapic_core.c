@@ -32,6 +32,16 @@
 
 #define KVMLU_VAPIC_NAME "kvmlu_vapic_v" __stringify(KVMLU_VAPIC_VERSION)
 
+/*
+ * The structure the per-vCPU commands copy in, and its last field as first
+ * released. kmod/test/kvmlu_vapic_grown.c grows it, as a later version that
+ * adds fields would.
+ */
+#ifndef KVMLU_VAPIC_VCPU_ARG
+#define KVMLU_VAPIC_VCPU_ARG	struct kvmlu_vapic_vcpu
+#define KVMLU_VAPIC_VCPU_LAST	moved
+#endif
+
 /* Bytes of one vCPU record in each format version. */
 #define KVMLU_VAPIC_V1_RECORD	(2 * 4 * sizeof(u64))
 #define KVMLU_VAPIC_V2_RECORD	(3 * 4 * sizeof(u64) + KVMLU_NR_VECTORS * sizeof(u32))
@@ -341,13 +351,13 @@ out:
 
 static const struct kvmlu_ioctl_op kvmlu_vapic_ops[] = {
 	KVMLU_IOCTL_OP(KVMLU_VAPIC_CMD_BASE, KVMLU_VAPIC_SYNC, kvmlu_vapic_sync,
-		       struct kvmlu_vapic_vcpu, moved),
+		       KVMLU_VAPIC_VCPU_ARG, KVMLU_VAPIC_VCPU_LAST),
 	KVMLU_IOCTL_OP(KVMLU_VAPIC_CMD_BASE, KVMLU_VAPIC_ACK, kvmlu_vapic_ack,
-		       struct kvmlu_vapic_vcpu, moved),
+		       KVMLU_VAPIC_VCPU_ARG, KVMLU_VAPIC_VCPU_LAST),
 	KVMLU_IOCTL_OP(KVMLU_VAPIC_CMD_BASE, KVMLU_VAPIC_EOI, kvmlu_vapic_eoi,
-		       struct kvmlu_vapic_vcpu, moved),
+		       KVMLU_VAPIC_VCPU_ARG, KVMLU_VAPIC_VCPU_LAST),
 	KVMLU_IOCTL_OP(KVMLU_VAPIC_CMD_BASE, KVMLU_VAPIC_GET, kvmlu_vapic_get,
-		       struct kvmlu_vapic_vcpu, moved),
+		       KVMLU_VAPIC_VCPU_ARG, KVMLU_VAPIC_VCPU_LAST),
 	KVMLU_IOCTL_OP(KVMLU_VAPIC_CMD_BASE, KVMLU_VAPIC_SAVE, kvmlu_vapic_save,
 		       struct kvmlu_vapic_save, reserved),
 	KVMLU_IOCTL_OP_IN(KVMLU_VAPIC_CMD_BASE, KVMLU_VAPIC_LOAD,
@@ -471,10 +481,31 @@ static struct miscdevice kvmlu_vapic_miscdev = {
 	.mode = 0600,
 };
 
+/*
+ * Refuse a kvmlu.ko this module was not built for, before anything of it is
+ * used, and have it check both dispatch tables against its own buffer.
+ */
 static int __init kvmlu_vapic_init(void)
 {
-	int ret = misc_register(&kvmlu_vapic_miscdev);
+	unsigned int kapi = kvmlu_kapi_version();
+	int ret;
 
+	if (kapi != KVMLU_KAPI_VERSION) {
+		pr_err("built for kvmlu interface version %u, the loaded kvmlu.ko has version %u\n",
+		       KVMLU_KAPI_VERSION, kapi);
+		return -EPROTO;
+	}
+	ret = kvmlu_ioctl_ops_check(KBUILD_MODNAME, kvmlu_vapic_dev_ops,
+				    ARRAY_SIZE(kvmlu_vapic_dev_ops),
+				    KVMLU_VAPIC_DEV_CMD_BASE);
+	if (ret)
+		return ret;
+	ret = kvmlu_ioctl_ops_check(KBUILD_MODNAME, kvmlu_vapic_ops,
+				    ARRAY_SIZE(kvmlu_vapic_ops),
+				    KVMLU_VAPIC_CMD_BASE);
+	if (ret)
+		return ret;
+	ret = misc_register(&kvmlu_vapic_miscdev);
 	if (ret)
 		pr_err("cannot register /dev/%s: %d\n", KVMLU_VAPIC_NAME, ret);
 	return ret;
@@ -489,5 +520,6 @@ module_init(kvmlu_vapic_init);
 module_exit(kvmlu_vapic_exit);
 
 MODULE_LICENSE("GPL");
+MODULE_IMPORT_NS(KVMLU_NS);
 MODULE_DESCRIPTION("kvmlu: virtual APIC state, save format version "
 		   __stringify(KVMLU_VAPIC_VERSION));

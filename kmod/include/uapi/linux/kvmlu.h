@@ -479,6 +479,13 @@ struct kvmlu_binding_info {
  * of more than KVMLU_MAX_VCPUS vCPUs gets ERANGE before its checksum is
  * read); EPROTONOSUPPORT for a format version this module does not read. A
  * refused LOAD changes nothing.
+ *
+ * Loading a vAPIC module (finit_module()) checks that it was built for the
+ * running kvmlu.ko: EPROTO if it was built for another version of kvmlu.ko's
+ * in-kernel interface, EOVERFLOW if one of its commands has a structure
+ * larger than kvmlu.ko's dispatcher copies in. Either is logged in one line
+ * with both versions or both sizes; the refused module registers nothing and
+ * kvmlu.ko and the vAPIC modules already loaded go on unchanged.
  */
 
 /* Commands on /dev/kvmlu_vapic_v<N>. */
