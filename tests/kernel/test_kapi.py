@@ -19,15 +19,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kutil import CHECKOUT
+from kutil import module_path
 
 from pyctl.kvmlu import Device, Table
 from pyctl.swap import load_module, unload
 from pyctl.vapic import VapicDevice
 
-# Where the test modules are: kmod/test/ of the checkout, or a build of them
-# against other modules (KVMLU_TEST_MODULES), to run these tests on those.
-TEST_MODULES = Path(os.environ.get("KVMLU_TEST_MODULES", CHECKOUT / "kmod" / "test"))
+# Where the test modules are: test/ beside the kvmlu.ko this run loaded (the
+# checkout's kmod/, or another kernel's build of the sources), or a build of
+# them against other modules (KVMLU_TEST_MODULES), to run these tests on those.
+TEST_MODULES = Path(os.environ.get("KVMLU_TEST_MODULES", module_path("kvmlu").parent / "test"))
 V3_PARAMS = Path("/sys/module/kvmlu_vapic_v3/parameters")
 
 _libc = ctypes.CDLL(None, use_errno=True)
