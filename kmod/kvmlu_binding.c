@@ -2,11 +2,27 @@
 /*
  * kvmlu: IRQ bindings, an eventfd bound to (table, vCPU, vector).
  *
- * A binding hooks the eventfd's wait queue the way KVM's irqfd does. When a
- * device's MSI handler (VFIO's, for a passthrough device) signals the
- * eventfd, the wakeup callback runs in that context, with the eventfd's
- * wait-queue lock held and interrupts off: it drains the counter and posts
- * through the engine, deferring the notification signal to an irq_work.
+ * A binding hooks the eventfd's wait queue the way KVM's irqfd does: as a
+ * priority, exclusive waiter, first in the queue. When a device's MSI
+ * handler (VFIO's, for a passthrough device) signals the eventfd, the wakeup
+ * callback runs in that context, with the eventfd's wait-queue lock held and
+ * interrupts off: it drains the counter, posts through the engine (deferring
+ * the notification signal to an irq_work) and returns 1, which ends the
+ * wakeup there. Ordinary waiters (a poll() or epoll on the eventfd) are not
+ * woken for a count the binding took.
+ *
+ * Only one priority waiter can own an eventfd's counts: the first one queued
+ * takes every signal. BIND therefore refuses an eventfd whose wait queue has
+ * a priority waiter already (another binding, of any table, or a KVM irqfd),
+ * checked and queued in one hold of the wait-queue lock.
+ *
+ * BIND also refuses an EFD_SEMAPHORE eventfd, whose reads take one count at
+ * a time. Its flags are private to fs/eventfd.c, so BIND finds out by
+ * behaviour: once queued, it signals the eventfd by 2 itself and its
+ * callback, which runs at once under the lock with a counter of 2 or more,
+ * reads it twice. A second read that finds a count is a semaphore's. Nobody
+ * else sees those 2 counts: the callback takes them and ends the wakeup
+ * before anyone else is woken, and BIND subtracts them from what it posts.
  *
  * Lifetime: the binding file owns the binding. The binding holds a reference
  * on its table (so a closed table is never posted into after it is freed) and
@@ -19,6 +35,7 @@
 #include <linux/anon_inodes.h>
 #include <linux/eventfd.h>
 #include <linux/file.h>
+#include <linux/overflow.h>
 #include <linux/poll.h>
 #include <linux/slab.h>
 #include <linux/wait.h>
@@ -26,15 +43,37 @@
 #include "kvmlu_internal.h"
 
 /**
+ * enum kvmlu_binding_state - where a binding is in its life
+ * @KVMLU_BINDING_PROBING: BIND queued it and has not decided: the callback
+ *	consumes signals into &kvmlu_binding.early and posts nothing.
+ * @KVMLU_BINDING_POSTING: BIND succeeded: the callback posts.
+ * @KVMLU_BINDING_REFUSED: BIND failed: the callback leaves the eventfd alone
+ *	until BIND unqueues it.
+ */
+enum kvmlu_binding_state {
+	KVMLU_BINDING_PROBING,
+	KVMLU_BINDING_POSTING,
+	KVMLU_BINDING_REFUSED,
+};
+
+/**
  * struct kvmlu_binding - an eventfd bound to a descriptor and a vector
  * @table: The table posted to; the binding holds a reference.
  * @eventfd: The eventfd's context; the binding holds a reference.
  * @vcpu: The descriptor posted to. Fixed.
  * @vector: The vector posted. Fixed.
- * @wait: Our entry in the eventfd's wait queue. Queued and unqueued under
- *	the wait-queue head's lock (@wqh->lock).
+ * @wait: Our entry in the eventfd's wait queue, a priority, exclusive one.
+ *	Queued and unqueued under the wait-queue head's lock (@wqh->lock).
  * @wqh: The eventfd's wait-queue head, found when polling at bind time.
  * @pt: The poll table used once, at bind time, to find @wqh.
+ * @queued: @wait was queued at bind time. Set once, before BIND reads it.
+ * @state: A &enum kvmlu_binding_state, under @wqh->lock.
+ * @early: Counts the callback consumed while probing, BIND's own 2
+ *	included; under @wqh->lock.
+ * @semaphore: While probing, a read left a count behind: an EFD_SEMAPHORE
+ *	eventfd. Under @wqh->lock.
+ * @drains: While probing, a read took 2 or more at once: not a semaphore.
+ *	Under @wqh->lock.
  * @attached: On the table's list and hooked to the eventfd; set once at
  *	bind time, under &kvmlu_table.bind_lock, before the fd is installed.
  * @hup: Set by the wakeup callback, under @wqh->lock, when the eventfd's
@@ -50,6 +89,11 @@ struct kvmlu_binding {
 	wait_queue_entry_t wait;
 	wait_queue_head_t *wqh;
 	poll_table pt;
+	bool queued;
+	enum kvmlu_binding_state state;
+	u64 early;
+	bool semaphore;
+	bool drains;
 	bool attached;
 	bool hup;
 	struct kvmlu_counters counters;
@@ -65,36 +109,120 @@ static void kvmlu_binding_fire(struct kvmlu_binding *b, u64 count, bool defer)
 }
 
 /*
+ * While BIND probes: take the counter with up to two reads and learn the
+ * eventfd's kind. A read empties a counter unless the eventfd is a
+ * semaphore, which gives 1 a read; so a second read that finds a count
+ * proves a semaphore, and a first read of 2 or more proves the other kind.
+ * Called under @b->wqh->lock.
+ */
+static void kvmlu_binding_probe(struct kvmlu_binding *b)
+{
+	u64 first, second = 0;
+
+	eventfd_ctx_do_read(b->eventfd, &first);
+	if (first == 1)
+		eventfd_ctx_do_read(b->eventfd, &second);
+	if (check_add_overflow(b->early, first + second, &b->early))
+		b->early = U64_MAX;
+	if (second)
+		b->semaphore = true;
+	else if (first >= 2)
+		b->drains = true;
+}
+
+/*
  * The eventfd's wakeup callback: runs with @wait's wait-queue lock held,
  * often in hard interrupt context (VFIO's MSI handler signals from there).
+ * Returning 1 for EPOLLIN ends the wakeup at this priority, exclusive
+ * waiter: the count is ours. Returning 0 for EPOLLHUP lets every other
+ * waiter (a KVM irqfd queued behind us) see the eventfd go.
  */
 static int kvmlu_binding_wakeup(wait_queue_entry_t *wait, unsigned int mode,
 				int sync, void *key)
 {
 	struct kvmlu_binding *b = container_of(wait, struct kvmlu_binding, wait);
 	__poll_t flags = key_to_poll(key);
+	int consumed = 0;
 	u64 count;
 
 	if (flags & EPOLLIN) {
-		eventfd_ctx_do_read(b->eventfd, &count);
-		if (count)
-			kvmlu_binding_fire(b, count, true);
+		switch (b->state) {
+		case KVMLU_BINDING_PROBING:
+			kvmlu_binding_probe(b);
+			consumed = 1;
+			break;
+		case KVMLU_BINDING_POSTING:
+			eventfd_ctx_do_read(b->eventfd, &count);
+			if (count)
+				kvmlu_binding_fire(b, count, true);
+			consumed = 1;
+			break;
+		case KVMLU_BINDING_REFUSED:
+			break;
+		}
 	}
 	if (flags & EPOLLHUP) {
 		/* The context stays (we hold it); stop listening to it. */
 		__remove_wait_queue(b->wqh, &b->wait);
 		WRITE_ONCE(b->hup, true);
 	}
-	return 0;
+	return consumed;
 }
 
+/*
+ * The eventfd's poll queues us here, once, at bind time. Queue @b->wait as
+ * the first priority waiter unless the queue has one: the check and the
+ * queueing are one hold of the lock, so two BINDs (or a BIND and a
+ * KVM_IRQFD) cannot both find the queue free.
+ */
 static void kvmlu_binding_queue(struct file *file, wait_queue_head_t *wqh,
 				poll_table *pt)
 {
 	struct kvmlu_binding *b = container_of(pt, struct kvmlu_binding, pt);
+	wait_queue_entry_t *curr;
+	unsigned long flags;
 
 	b->wqh = wqh;
-	add_wait_queue(wqh, &b->wait);
+	spin_lock_irqsave(&wqh->lock, flags);
+	list_for_each_entry(curr, &wqh->head, entry)
+		if (curr->flags & WQ_FLAG_PRIORITY)
+			goto out;
+	b->wait.flags |= WQ_FLAG_EXCLUSIVE | WQ_FLAG_PRIORITY;
+	__add_wait_queue(wqh, &b->wait);
+	b->queued = true;
+out:
+	spin_unlock_irqrestore(&wqh->lock, flags);
+}
+
+/* Did the probe find an eventfd whose reads drain it? */
+static bool kvmlu_binding_drains(struct kvmlu_binding *b)
+{
+	bool drains;
+
+	spin_lock_irq(&b->wqh->lock);
+	drains = b->drains && !b->semaphore;
+	spin_unlock_irq(&b->wqh->lock);
+	return drains;
+}
+
+/*
+ * End the probe: switch @b to @state and return the counts the callback
+ * took that were not BIND's @added. A refused binding leaves the queue in
+ * the same hold of the lock, so from then on every signal stays in the
+ * eventfd.
+ */
+static u64 kvmlu_binding_settle(struct kvmlu_binding *b, u64 added,
+				enum kvmlu_binding_state state)
+{
+	u64 early;
+
+	spin_lock_irq(&b->wqh->lock);
+	b->state = state;
+	if (state == KVMLU_BINDING_REFUSED && !b->hup)
+		__remove_wait_queue(b->wqh, &b->wait);
+	early = b->early;
+	spin_unlock_irq(&b->wqh->lock);
+	return early > added ? early - added : 0;
 }
 
 /* Unhook from the eventfd unless EPOLLHUP did already. */
@@ -170,19 +298,6 @@ bool kvmlu_is_binding_file(struct file *file)
 	return file->f_op == &kvmlu_binding_fops;
 }
 
-/* Is @ctx bound to @table already? Caller holds &kvmlu_table.bind_lock. */
-static bool kvmlu_table_has_eventfd(struct kvmlu_table *table,
-				    struct eventfd_ctx *ctx)
-{
-	struct kvmlu_binding *b;
-
-	lockdep_assert_held(&table->bind_lock);
-	list_for_each_entry(b, &table->bindings, link)
-		if (b->eventfd == ctx)
-			return true;
-	return false;
-}
-
 /**
  * kvmlu_table_bind() - KVMLU_TABLE_BIND
  * @ucmd: The command, on a table.
@@ -195,8 +310,7 @@ int kvmlu_table_bind(struct kvmlu_ucmd *ucmd)
 	struct kvmlu_table *table = ucmd->obj;
 	struct kvmlu_binding *b;
 	struct file *efile, *file;
-	__poll_t events;
-	u64 count = 0;
+	u64 added, count;
 	int fd, ret;
 
 	if (tb->flags)
@@ -238,42 +352,49 @@ int kvmlu_table_bind(struct kvmlu_ucmd *ucmd)
 		goto err_put_fd;
 	}
 
-	mutex_lock(&table->bind_lock);
-	if (kvmlu_table_has_eventfd(table, b->eventfd)) {
-		mutex_unlock(&table->bind_lock);
-		ret = -EBUSY;
+	/* Queue @b as the eventfd's first waiter, or find that place taken. */
+	vfs_poll(efile, &b->pt);
+	if (!b->queued) {
+		ret = b->wqh ? -EBUSY : -EINVAL;
 		goto err_put_file;
+	}
+	/*
+	 * Learn whether the eventfd is a semaphore: the callback takes these 2
+	 * back at once, with whatever was pending, before anyone else is woken.
+	 */
+	added = eventfd_signal(b->eventfd, 2);
+	if (!kvmlu_binding_drains(b)) {
+		ret = -EINVAL;
+		goto err_refuse;
 	}
 	tb->fd = fd;
 	ret = kvmlu_ucmd_respond(ucmd, sizeof(*tb));
-	if (ret) {
-		mutex_unlock(&table->bind_lock);
-		goto err_put_file;
-	}
+	if (ret)
+		goto err_refuse;
+
 	kvmlu_table_get(table);
+	mutex_lock(&table->bind_lock);
 	list_add_tail(&b->link, &table->bindings);
 	WRITE_ONCE(table->nr_bindings, table->nr_bindings + 1);
 	b->attached = true;
-
-	/*
-	 * Hook the wait queue, then take what was signalled before: under the
-	 * wait-queue lock, so a signal is drained either here or by the
-	 * callback, never both.
-	 */
-	events = vfs_poll(efile, &b->pt);
-	if (events & EPOLLIN) {
-		spin_lock_irq(&b->wqh->lock);
-		eventfd_ctx_do_read(b->eventfd, &count);
-		spin_unlock_irq(&b->wqh->lock);
-	}
 	mutex_unlock(&table->bind_lock);
 
+	/*
+	 * From here the callback posts. What it took while BIND probed (a
+	 * count pending at BIND, signals since) is posted here, once.
+	 */
+	count = kvmlu_binding_settle(b, added, KVMLU_BINDING_POSTING);
 	if (count)
 		kvmlu_binding_fire(b, count, false);
 	fput(efile);
 	fd_install(fd, file);
 	return 0;
 
+err_refuse:
+	/* Unqueue, and give the eventfd back the counts the probe took. */
+	count = kvmlu_binding_settle(b, added, KVMLU_BINDING_REFUSED);
+	if (count)
+		eventfd_signal(b->eventfd, count);
 err_put_file:
 	/* The file owns @b now; its release frees @b and the context. */
 	fput(file);

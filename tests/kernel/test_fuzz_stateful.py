@@ -308,7 +308,11 @@ class KvmluMachine(RuleBasedStateMachine):
         pending = _drain(self.srcs[s])  # the kernel posts what is pending at bind time
         if pending:
             os.eventfd_write(self.srcs[s], pending)
-        err = self.model[t].bind(s, vcpu, vector, pending)
+        m = self.model[t]
+        err = m.check_vcpu(vcpu) or m.check_vector(vector)
+        if not err and any(key[1] == s for key in self.binds):
+            err = errno.EBUSY  # an eventfd has one binding, of any table
+        err = err or m.bind(s, vcpu, vector, pending)
         b = self._expect(err, self.real[t].bind, self.srcs[s], vcpu, vector)
         if b is not None:
             self.binds[(t, s)] = b  # type: ignore[assignment]
@@ -374,9 +378,8 @@ class KvmluMachine(RuleBasedStateMachine):
         """Source ``s`` was signalled ``n`` times: the model's side."""
         bound = [key for key in self.binds if key[1] == s]
         if bound:
-            # Several tables on one eventfd: the latest binding's callback runs
-            # first (wait queues add at the head) and drains the count.
-            t = max(bound, key=self.bind_seq.__getitem__)[0]
+            (t, _), *others = bound
+            assert not others, "an eventfd has one binding"
             self.model[t].fire(s, n)
         else:
             _drain(self.srcs[s])

@@ -50,15 +50,18 @@
  *    that fails there had changed nothing either.
  *  - EINVAL: @size below the minimum, unknown @flags, a non-zero reserved
  *    field, a value outside its defined set, or a file descriptor of the
- *    wrong type (for example one that is not an eventfd); a vAPIC blob
- *    whose records hold a vector 0..31.
+ *    wrong type (for example one that is not an eventfd, or an
+ *    EFD_SEMAPHORE eventfd given to KVMLU_TABLE_BIND); a vAPIC blob whose
+ *    records hold a vector 0..31.
  *  - E2BIG: @size beyond the kernel's structure with non-zero bytes there.
  *  - ERANGE: a vCPU index at or beyond the table's vCPU count, a vector or
  *    notification vector outside 32..255, a vCPU count outside
  *    1..KVMLU_MAX_VCPUS, or a vAPIC blob for another vCPU count.
  *  - EBADF: a file descriptor field that names no open file.
- *  - EBUSY: the eventfd is bound to this table already; the session is
- *    held by an open session file descriptor.
+ *  - EBUSY: KVMLU_TABLE_BIND of an eventfd that already has a consumer
+ *    which takes its signals first: a kvmlu binding (of this table or any
+ *    other) or a KVM irqfd; the session is held by an open session file
+ *    descriptor.
  *  - EEXIST: the caller has a session of that name already, or an object
  *    under that token exists.
  *  - ENOENT: no session of that name that the caller may retrieve (another
@@ -390,11 +393,40 @@ struct kvmlu_table_post {
  * as N signals: the first posts, the others coalesce with it. A count that
  * is pending when the binding is made is posted at once.
  *
+ * The binding is the eventfd's only consumer. Like KVM's irqfd it waits on
+ * the eventfd as a priority, exclusive waiter: it takes each signal before
+ * anyone else is woken, and nobody else is woken for it. So:
+ *
+ *  - BIND fails with EBUSY if the eventfd already has such a consumer: a
+ *    kvmlu binding, of this table or of any other, or a KVM irqfd
+ *    (KVM_IRQFD, QEMU's default for a passthrough device's MSI). Nothing
+ *    changes: the first consumer keeps every signal.
+ *  - Userspace must not poll, select, epoll or read a bound eventfd: a
+ *    poller is not woken for signals the binding consumed, and a read
+ *    finds the counter empty (EAGAIN, or it blocks).
+ *  - A KVM irqfd attached to the eventfd AFTER the binding is not refused
+ *    by KVM (Linux 6.1 checks only its own irqfds of the same VM for the
+ *    eventfd): it is queued behind the binding, since priority waiters
+ *    are woken in the order they were queued, and never sees a signal;
+ *    the binding keeps posting every one. The irqfd injects nothing from
+ *    the eventfd's count; when the eventfd is closed both see EPOLLHUP and
+ *    let go. With a posted-interrupt IOMMU, such an irqfd may also take
+ *    the device's MSI away from the eventfd altogether (KVM's IRQ bypass
+ *    pairs it with VFIO's interrupt, keyed by the same eventfd): then the
+ *    eventfd is not signalled and the binding posts nothing. Do not attach
+ *    both.
+ *
+ * BIND fails with EINVAL for an EFD_SEMAPHORE eventfd, whose reads take one
+ * count at a time. To find out, BIND signals the eventfd by 2 itself once
+ * the binding is queued, and its callback takes those 2 back before anyone
+ * else is woken: a pending count is unchanged by a refused BIND, and posted
+ * exactly by one that succeeds.
+ *
  * The binding holds the table and the eventfd's context, not the eventfd's
  * file: when the last file reference to the eventfd goes, the binding
  * deactivates (&kvmlu_binding_info.state loses KVMLU_BINDING_ACTIVE) and
- * posts nothing more. Closing the binding's fd detaches it. An eventfd can
- * be bound to a table only once (EBUSY).
+ * posts nothing more. Closing the binding's fd detaches it, and the eventfd
+ * can then be bound again.
  */
 struct kvmlu_table_bind {
 	__u32 size;
