@@ -40,12 +40,14 @@
 #include <linux/slab.h>
 #include <linux/wait.h>
 
+#include "kvmlu_compat.h"
 #include "kvmlu_internal.h"
 
 /**
  * enum kvmlu_binding_state - where a binding is in its life
  * @KVMLU_BINDING_PROBING: BIND queued it and has not decided: the callback
- *	consumes signals into &kvmlu_binding.early and posts nothing.
+ *	ends each wakeup and leaves the count, for BIND's probe or for the read
+ *	that starts the posting; it posts nothing.
  * @KVMLU_BINDING_POSTING: BIND succeeded: the callback posts.
  * @KVMLU_BINDING_REFUSED: BIND failed: the callback leaves the eventfd alone
  *	until BIND unqueues it.
@@ -68,11 +70,10 @@ enum kvmlu_binding_state {
  * @pt: The poll table used once, at bind time, to find @wqh.
  * @queued: @wait was queued at bind time. Set once, before BIND reads it.
  * @state: A &enum kvmlu_binding_state, under @wqh->lock.
- * @early: Counts the callback consumed while probing, BIND's own 2
- *	included; under @wqh->lock.
- * @semaphore: While probing, a read left a count behind: an EFD_SEMAPHORE
+ * @early: Counts BIND's probe read, its own 2 included; under @wqh->lock.
+ * @semaphore: The probe's second read found a count: an EFD_SEMAPHORE
  *	eventfd. Under @wqh->lock.
- * @drains: While probing, a read took 2 or more at once: not a semaphore.
+ * @drains: The probe's first read took 2 or more at once: not a semaphore.
  *	Under @wqh->lock.
  * @attached: On the table's list and hooked to the eventfd; set once at
  *	bind time, under &kvmlu_table.bind_lock, before the fd is installed.
@@ -109,11 +110,11 @@ static void kvmlu_binding_fire(struct kvmlu_binding *b, u64 count, bool defer)
 }
 
 /*
- * While BIND probes: take the counter with up to two reads and learn the
- * eventfd's kind. A read empties a counter unless the eventfd is a
- * semaphore, which gives 1 a read; so a second read that finds a count
- * proves a semaphore, and a first read of 2 or more proves the other kind.
- * Called under @b->wqh->lock.
+ * BIND's probe, after it added 2 to the counter: take the counter with up
+ * to two reads and learn the eventfd's kind. A read empties a counter
+ * unless the eventfd is a semaphore, which gives 1 a read; so a second read
+ * that finds a count proves a semaphore, and a first read of 2 or more
+ * proves the other kind. Called under @b->wqh->lock.
  */
 static void kvmlu_binding_probe(struct kvmlu_binding *b)
 {
@@ -148,7 +149,10 @@ static int kvmlu_binding_wakeup(wait_queue_entry_t *wait, unsigned int mode,
 	if (flags & EPOLLIN) {
 		switch (b->state) {
 		case KVMLU_BINDING_PROBING:
-			kvmlu_binding_probe(b);
+			/*
+			 * The count stays for BIND's probe, or for the
+			 * read that ends it; nobody else is woken.
+			 */
 			consumed = 1;
 			break;
 		case KVMLU_BINDING_POSTING:
@@ -206,23 +210,29 @@ static bool kvmlu_binding_drains(struct kvmlu_binding *b)
 }
 
 /*
- * End the probe: switch @b to @state and return the counts the callback
- * took that were not BIND's @added. A refused binding leaves the queue in
- * the same hold of the lock, so from then on every signal stays in the
- * eventfd.
+ * End the probe: switch @b to @state and return the counts the probe took
+ * that were not BIND's @added. A binding that starts posting first takes
+ * what came since the probe (the callback left it in the counter); a
+ * refused one leaves the queue. Either happens in the same hold of the lock
+ * as the switch, so no signal falls between.
  */
 static u64 kvmlu_binding_settle(struct kvmlu_binding *b, u64 added,
 				enum kvmlu_binding_state state)
 {
-	u64 early;
+	u64 early, since = 0;
 
 	spin_lock_irq(&b->wqh->lock);
 	b->state = state;
+	if (state == KVMLU_BINDING_POSTING && !b->hup)
+		eventfd_ctx_do_read(b->eventfd, &since);
 	if (state == KVMLU_BINDING_REFUSED && !b->hup)
 		__remove_wait_queue(b->wqh, &b->wait);
 	early = b->early;
 	spin_unlock_irq(&b->wqh->lock);
-	return early > added ? early - added : 0;
+	early = early > added ? early - added : 0;
+	if (check_add_overflow(early, since, &early))
+		early = U64_MAX;
+	return early;
 }
 
 /* Unhook from the eventfd unless EPOLLHUP did already. */
@@ -359,10 +369,15 @@ int kvmlu_table_bind(struct kvmlu_ucmd *ucmd)
 		goto err_put_file;
 	}
 	/*
-	 * Learn whether the eventfd is a semaphore: the callback takes these 2
-	 * back at once, with whatever was pending, before anyone else is woken.
+	 * Learn whether the eventfd is a semaphore: add 2 (the callback leaves
+	 * them, and wakes nobody else), then read them back with whatever was
+	 * pending.
 	 */
-	added = eventfd_signal(b->eventfd, 2);
+	added = kvmlu_eventfd_signal(b->eventfd, 2);
+	spin_lock_irq(&b->wqh->lock);
+	if (!b->hup)
+		kvmlu_binding_probe(b);
+	spin_unlock_irq(&b->wqh->lock);
 	if (!kvmlu_binding_drains(b)) {
 		ret = -EINVAL;
 		goto err_refuse;
@@ -394,7 +409,7 @@ err_refuse:
 	/* Unqueue, and give the eventfd back the counts the probe took. */
 	count = kvmlu_binding_settle(b, added, KVMLU_BINDING_REFUSED);
 	if (count)
-		eventfd_signal(b->eventfd, count);
+		kvmlu_eventfd_signal(b->eventfd, count);
 err_put_file:
 	/* The file owns @b now; its release frees @b and the context. */
 	fput(file);

@@ -10,15 +10,21 @@
 #include <linux/eventfd.h>
 #include <linux/mm.h>
 
-/* Add @n to an eventfd's counter and wake its waiters. */
-static inline void kvmlu_eventfd_signal(struct eventfd_ctx *ctx,
-					unsigned int n)
+/*
+ * Add @n to an eventfd's counter and wake its waiters; returns what was
+ * added. Kernels whose eventfd_signal() adds one at a time get @n calls
+ * (and their counter saturates without saying so).
+ */
+static inline u64 kvmlu_eventfd_signal(struct eventfd_ctx *ctx, u64 n)
 {
 #ifdef KVMLU_HAVE_EVENTFD_SIGNAL_COUNT
-	eventfd_signal(ctx, n);
+	return eventfd_signal(ctx, n);
 #else
-	while (n--)
+	u64 i;
+
+	for (i = 0; i < n; i++)
 		eventfd_signal(ctx);
+	return n;
 #endif
 }
 
