@@ -4,13 +4,17 @@
 #   make demo   boot the test VM and run the demo
 #   make test   host tests, then the kernel suite in one VM boot
 #
-# The kernel built against is the one the VM boots: the newest installed
-# /boot/vmlinuz-<ver> that has /lib/modules/<ver>/build. Override with KVER=.
+# The kernel built against is the one the VM boots: KVER, Debian 12's own
+# (the release linux-image-amd64 installs), else the newest installed
+# /boot/vmlinuz-<ver> that has /lib/modules/<ver>/build. make test also runs
+# the kernel suite on Debian 12's 6.12 (linux-image-6.12-amd64); KVER=<release>
+# runs it on that kernel alone.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 
 APT_PACKAGES := qemu-system-x86 linux-image-amd64 linux-headers-amd64 \
+	linux-image-6.12-amd64 linux-headers-6.12-amd64 dwarves \
 	kmod udev busybox-static make gcc libc6-dev libelf-dev python3 python3-venv python3-dev libffi-dev
 PYTHON ?= python3
 VENV := .venv
@@ -19,9 +23,17 @@ KVMLU := $(VENV)/bin/kvmlu
 STAMPS := .stamps
 
 # Evaluated when used, so a sub-make started after the packages are installed
-# finds the kernel they brought.
-KVER ?= $(shell for v in $$(ls -1 /lib/modules 2>/dev/null | sort -V); do \
+# finds the kernels they brought. $(call meta_release,PKG): the release a
+# Debian kernel metapackage installs, if its image and headers are there.
+meta_release = $(shell v=$$(dpkg-query -W -f='$${Depends}' $(1) 2>/dev/null | \
+	sed -n 's/^linux-image-\([^ ,]*\).*/\1/p'); \
+	[ -n "$$v" ] && [ -e /boot/vmlinuz-$$v ] && [ -e /lib/modules/$$v/build ] && echo $$v)
+newest_release = $(shell for v in $$(ls -1 /lib/modules 2>/dev/null | sort -V); do \
 	[ -e /boot/vmlinuz-$$v ] && [ -e /lib/modules/$$v/build ] && echo $$v; done | tail -n 1)
+KVER ?= $(or $(call meta_release,linux-image-amd64),$(newest_release))
+KVER_6_12 ?= $(call meta_release,linux-image-6.12-amd64)
+# The other kernels make test boots the kernel suite on, unless KVER was given.
+OTHER_KVERS ?= $(if $(filter file,$(origin KVER)),$(filter-out $(KVER),$(KVER_6_12)))
 KDIR ?= /lib/modules/$(KVER)/build
 VM_ARGS ?=
 PYTEST_ARGS ?=
@@ -45,7 +57,7 @@ QEMU_CACHE ?= /var/cache/kvmlu/qemu
 # The binary of the last build, copied into the checkout for the test VM.
 QEMU_BIN := $(CURDIR)/build/qemu/qemu-system-x86_64
 
-.PHONY: all deps venv modules guest-module test test-host test-kernel test-qemu test-debug lint demo bench bench-qemu fuzz qemu clean help
+.PHONY: all deps venv modules guest-module test test-host test-kernel test-kernel-on test-qemu test-debug lint demo bench bench-qemu fuzz qemu clean help
 
 all: modules
 
@@ -101,12 +113,24 @@ test-host: venv
 	$(VENV)/bin/mypy
 	KVMLU_KERNEL=$(KVER) KVMLU_QEMU_CACHE=$(QEMU_CACHE) $(VENV)/bin/pytest tests/host $(PYTEST_ARGS)
 
-# The whole kernel suite in one boot of the test VM.
+# The whole kernel suite in one boot of the test VM on KVER, then in one boot
+# on each of OTHER_KVERS.
 test-kernel: venv
 	@$(MAKE) --no-print-directory _modules
 	@$(MAKE) --no-print-directory qemu
 	$(KVMLU) vm --kernel $(KVER) --edu 3 $(VM_ARGS) -- \
 		$(CURDIR)/$(PY) -m pytest -p no:cacheprovider tests/kernel $(PYTEST_ARGS)
+	@for v in $(OTHER_KVERS); do $(MAKE) --no-print-directory test-kernel-on KV=$$v; done
+
+# The kernel suite on kernel KV, with the modules built for it in a copy of
+# the sources (build/kernels/KV/) and its results in results/vm-KV/.
+KMODS := kvmlu kvmlu_vapic_v1 kvmlu_vapic_v2
+test-kernel-on: venv
+	@[ -n "$(KV)" ] || { echo "test-kernel-on: KV=<kernel release> is needed" >&2; exit 2; }
+	tools/build-modules.sh $(KV) $(CURDIR)/build/kernels/$(KV)
+	$(KVMLU) vm --kernel $(KV) --edu 3 --results $(CURDIR)/results/vm-$(KV) \
+		$(foreach m,$(KMODS),--module $(CURDIR)/build/kernels/$(KV)/kmod/$(m).ko) \
+		$(VM_ARGS) -- $(CURDIR)/$(PY) -m pytest -p no:cacheprovider tests/kernel $(PYTEST_ARGS)
 
 # The nested guest on all three interrupt paths (on, off, kvmlu) under the
 # test VM's KVM with two vCPUs (off: one), and kvmlu under TCG, in one boot;

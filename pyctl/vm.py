@@ -130,13 +130,15 @@ def _kernel_tree(path: Path) -> KernelInfo:
 def find_kernel(
     version: str | None = None,
     *,
+    prefer: str | None = None,
     boot_dir: Path = Path("/boot"),
     modules_dir: Path = Path("/lib/modules"),
 ) -> KernelInfo:
     """Find the kernel to boot.
 
     *version* is a release (``6.1.0-56-amd64``), a path to a kernel build tree,
-    or None for the newest ``/boot/vmlinuz-*`` that has ``/lib/modules/V/build``.
+    or None for the release *prefer* if it is installed with its build
+    directory, else the newest ``/boot/vmlinuz-*`` that has ``/lib/modules/V/build``.
     """
     if version is not None and os.sep in version:
         return _kernel_tree(Path(version))
@@ -161,6 +163,9 @@ def find_kernel(
             f"no {boot_dir}/vmlinuz-V with {modules_dir}/V/build: "
             "apt-get install linux-image-amd64 linux-headers-amd64"
         )
+    for k in found:
+        if k.version == prefer:
+            return k
     return max(found, key=lambda k: _version_key(k.version))
 
 
@@ -491,7 +496,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kernel",
         metavar="VERSION",
-        help="kernel release or kernel build tree (default: newest installed)",
+        help="kernel release or kernel build tree (default: the one the modules were "
+        "built for, else the newest installed)",
     )
     parser.add_argument(
         "--accel",
@@ -624,13 +630,16 @@ def options_from_args(args: argparse.Namespace) -> VmOptions:
         or args.scratch_mb < 0
     ):
         raise VmUsageError("--edu, --memory, --cpus and --timeout must be positive")
-    kernel = find_kernel(args.kernel)
     if args.no_modules:
         modules: list[Path] = []
     elif args.modules:
         modules = [m.resolve() for m in args.modules]
     else:
         modules = [CHECKOUT / m for m in DEFAULT_MODULES if (CHECKOUT / m).is_file()]
+    # Without --kernel, the kernel the modules were built for, if installed.
+    first = modules[0] if modules and modules[0].is_file() else None
+    built_for = (module_vermagic(first) or "").split()[:1] if first else []
+    kernel = find_kernel(args.kernel, prefer=built_for[0] if built_for else None)
     check_modules(modules, kernel)
     return VmOptions(
         kernel=kernel,

@@ -589,7 +589,7 @@ def test_vm_options_reach_the_vm(
     asked: list[str | None] = []
     ran: list[vm.VmOptions] = []
     printed: list[vm.VmOptions] = []
-    monkeypatch.setattr(vm, "find_kernel", lambda k: asked.append(k) or kernel)
+    monkeypatch.setattr(vm, "find_kernel", lambda k, **kw: asked.append(k) or kernel)
     monkeypatch.setattr(vm, "check_modules", lambda modules, k: None)
     monkeypatch.setattr(vm, "find_vng", lambda: Path("/venv/bin/vng"))
     monkeypatch.setattr(vm, "run", lambda opts: ran.append(opts) or 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shlex
 from pathlib import Path
@@ -166,6 +167,20 @@ def test_find_kernel_picks_newest_with_build_dir(tmp_path: Path) -> None:
     assert vm.find_kernel("6.1.0-9-amd64", boot_dir=boot, modules_dir=mods).version == (
         "6.1.0-9-amd64"
     )
+
+
+def test_find_kernel_prefers_the_modules_kernel(tmp_path: Path) -> None:
+    # The release the modules were built for wins over a newer one; one not
+    # installed (or without its build directory) is passed over.
+    boot, mods = make_boot(
+        tmp_path, ["6.1.0-56-amd64", "6.12.1-amd64", "6.1.0-9-amd64"],
+        ["6.1.0-56-amd64", "6.12.1-amd64"],
+    )  # fmt: skip
+    pick = functools.partial(vm.find_kernel, None, boot_dir=boot, modules_dir=mods)
+    assert pick(prefer="6.1.0-56-amd64").version == "6.1.0-56-amd64"
+    assert pick(prefer="6.1.0-9-amd64").version == "6.12.1-amd64"
+    assert pick(prefer="5.10.0-1-amd64").version == "6.12.1-amd64"
+    assert pick().version == "6.12.1-amd64"
 
 
 def test_find_kernel_errors(tmp_path: Path) -> None:
