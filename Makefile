@@ -39,6 +39,12 @@ VM_ARGS ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 FUZZ_EXAMPLES ?= 10000
+# make test's stateful fuzzer starts from this seed, so a red run replays;
+# make fuzz draws a new one each time.
+TEST_FUZZ_SEED ?= 20261129
+# One boot of the kernel suite takes about 21 minutes on an idle 2-core
+# machine and over 30 beside two busy loops.
+TEST_VM_TIMEOUT ?= 3600
 FUZZ_MALFORMED ?= 2000
 # Where make test-debug keeps its kernel tree (about 6 GB) between runs.
 DEBUG_CACHE ?= /var/cache/kvmlu
@@ -118,18 +124,24 @@ test-host: venv
 test-kernel: venv
 	@$(MAKE) --no-print-directory _modules
 	@$(MAKE) --no-print-directory qemu
-	$(KVMLU) vm --kernel $(KVER) --edu 3 $(VM_ARGS) -- \
+	$(KVMLU) vm --kernel $(KVER) --edu 3 --timeout $(TEST_VM_TIMEOUT) \
+		--env KVMLU_FUZZ_SEED=$(TEST_FUZZ_SEED) $(VM_ARGS) -- \
 		$(CURDIR)/$(PY) -m pytest -p no:cacheprovider tests/kernel $(PYTEST_ARGS)
 	@for v in $(OTHER_KVERS); do $(MAKE) --no-print-directory test-kernel-on KV=$$v; done
 
 # The kernel suite on kernel KV, with the modules built for it in a copy of
-# the sources (build/kernels/KV/) and its results in results/vm-KV/.
+# the sources (build/kernels/KV/) and its results in results/vm-KV/. The
+# inner QEMU runs the kvmlu path only (QEMU's own paths and stock
+# cpr-transfer do not depend on the test VM's kernel), with 5 upgrades.
 KMODS := kvmlu kvmlu_vapic_v1 kvmlu_vapic_v2
+OTHER_KVER_ENV := KVMLU_QEMU_PATHS=kvmlu@tcg KVMLU_QEMU_UPGRADE_PATHS=kvmlu KVMLU_QEMU_UPGRADES=5
 test-kernel-on: venv
 	@[ -n "$(KV)" ] || { echo "test-kernel-on: KV=<kernel release> is needed" >&2; exit 2; }
 	tools/build-modules.sh $(KV) $(CURDIR)/build/kernels/$(KV)
-	$(KVMLU) vm --kernel $(KV) --edu 3 --results $(CURDIR)/results/vm-$(KV) \
+	$(KVMLU) vm --kernel $(KV) --edu 3 --timeout $(TEST_VM_TIMEOUT) \
+		--results $(CURDIR)/results/vm-$(KV) \
 		$(foreach m,$(KMODS),--module $(CURDIR)/build/kernels/$(KV)/kmod/$(m).ko) \
+		--env KVMLU_FUZZ_SEED=$(TEST_FUZZ_SEED) $(foreach e,$(OTHER_KVER_ENV),--env $(e)) \
 		$(VM_ARGS) -- $(CURDIR)/$(PY) -m pytest -p no:cacheprovider tests/kernel $(PYTEST_ARGS)
 
 # The nested guest on all three interrupt paths (on, off, kvmlu) under the
