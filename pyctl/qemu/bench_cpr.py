@@ -186,15 +186,7 @@ def main(args: argparse.Namespace) -> int:
     out_rows = []
     try:
         initrd = qguest.build_initramfs(work / "initramfs.cpio")
-        base = qrun.InnerOptions(
-            bdf=bdf,
-            kernel=kernel,
-            initrd=initrd,
-            workdir=work,
-            qemu=qemu,
-            accel=args.accel,
-            cpus=args.cpus,
-        )
+        base = qcli.inner_options(args, qemu=qemu, bdf=bdf, kernel=kernel, initrd=initrd, work=work)
         for workload in workloads:
             for row in rows:
                 r = measure_row(row, workload, args.upgrades, base, work)

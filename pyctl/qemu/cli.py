@@ -86,6 +86,22 @@ def add_inner_host_arguments(
         )
 
 
+def inner_options(
+    args: argparse.Namespace, *, qemu: Path, bdf: str, kernel: Path, initrd: Path, work: Path
+) -> qrun.InnerOptions:
+    """The inner guest's options from :func:`add_inner_host_arguments`' ``--accel``
+    and ``--cpus`` and what :func:`inner_host` found."""
+    return qrun.InnerOptions(
+        bdf=bdf,
+        kernel=kernel,
+        initrd=initrd,
+        workdir=work,
+        qemu=qemu,
+        accel=args.accel,
+        cpus=args.cpus,
+    )
+
+
 def add_output_arguments(p: argparse.ArgumentParser, *, markdown: bool) -> None:
     """``--json`` and, for a benchmark, ``--markdown``."""
     p.add_argument("--json", type=Path, metavar="PATH", help="write the results here as JSON")

@@ -239,15 +239,7 @@ def in_vm(args: argparse.Namespace) -> int:
     reports = []
     try:
         initrd = args.initrd or qguest.build_initramfs(work / "initramfs.cpio")
-        base = qrun.InnerOptions(
-            bdf=bdf,
-            kernel=kernel,
-            initrd=initrd,
-            workdir=work,
-            qemu=qemu,
-            cpus=args.cpus,
-            accel=args.accel,
-        )
+        base = qcli.inner_options(args, qemu=qemu, bdf=bdf, kernel=kernel, initrd=initrd, work=work)
         plan = Plan(args.upgrades, args.between, args.hold, args.faults)
         for path in args.paths.split(","):
             _note(f"{path}: booting the guest, then {args.upgrades} upgrades")
