@@ -14,7 +14,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 
 APT_PACKAGES := qemu-system-x86 linux-image-amd64 linux-headers-amd64 \
-	linux-image-6.12-amd64 linux-headers-6.12-amd64 dwarves \
+	linux-image-6.12-amd64 linux-headers-6.12-amd64 dwarves sparse \
 	kmod udev busybox-static make gcc libc6-dev libelf-dev python3 python3-venv python3-dev libffi-dev
 PYTHON ?= python3
 VENV := .venv
@@ -63,12 +63,12 @@ QEMU_CACHE ?= /var/cache/kvmlu/qemu
 # The binary of the last build, copied into the checkout for the test VM.
 QEMU_BIN := $(CURDIR)/build/qemu/qemu-system-x86_64
 
-.PHONY: all deps venv modules guest-module test test-host test-kernel test-kernel-on test-qemu test-debug lint demo bench bench-qemu fuzz qemu clean help
+.PHONY: all deps venv modules guest-module sparse test test-host test-kernel test-kernel-on test-qemu test-debug lint demo bench bench-qemu fuzz qemu clean help
 
 all: modules
 
 help:
-	@echo "make demo | test | test-host | test-kernel | test-qemu | test-debug | bench | bench-qemu | fuzz | qemu | modules | lint | clean"
+	@echo "make demo | test | test-host | test-kernel | test-kernel-on | test-qemu | test-debug | bench | bench-qemu | fuzz | qemu | modules | sparse | lint | clean"
 
 # Debian packages, installed only when one is missing.
 deps: $(STAMPS)/apt
@@ -103,6 +103,15 @@ guest-module:
 	$(MAKE) -C /lib/modules/$(GUEST_KVER)/build M=$(CURDIR)/guest/edu_count W=1 \
 		KCFLAGS=-Werror modules
 
+# sparse over every module source, against KVER and each of OTHER_KVERS, in
+# copies of the sources (build/sparse/<release>/); any warning fails.
+sparse: deps
+	@for v in $(KVER) $(OTHER_KVERS); do \
+		out=$$(tools/build-modules.sh $$v $(CURDIR)/build/sparse/$$v C=2 2>&1) || \
+			{ echo "$$out"; exit 1; }; \
+		if grep -E ': (warning|error):' <<<"$$out"; then exit 1; fi; \
+		echo "sparse: clean against $$v"; done
+
 lint: venv
 	$(VENV)/bin/ruff check pyctl tests
 	$(VENV)/bin/ruff format --check pyctl tests
@@ -110,6 +119,7 @@ lint: venv
 
 test: deps venv
 	@$(MAKE) --no-print-directory _modules
+	@$(MAKE) --no-print-directory sparse
 	@$(MAKE) --no-print-directory qemu
 	@$(MAKE) --no-print-directory test-host
 	@$(MAKE) --no-print-directory test-kernel
