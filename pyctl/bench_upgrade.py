@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pyctl.argtypes import int_range
-from pyctl.errors import RunError, SetupError
+from pyctl.errors import InputError, RunError, SetupError, load_json_object
 from pyctl.livevmm import STRATEGIES, Optimisations, max_vcpus
 from pyctl.upgrade import (
     LAND_TIMEOUT,
@@ -53,6 +53,8 @@ from pyctl.vm import SCRATCH_SERIAL
 
 WORKLOADS = ("idle", "cpu", "memory", "disk")
 EDUS = 3  # edu functions each run streams MSIs from
+#: What a bench upgrade result file holds (``--resume`` and ``bench report`` read it).
+BENCH_KEYS = ("environment", "upgrades_per_run", "land_timeout_s", "exec_startup_s", "runs")
 ABLATIONS = ("no-prestart", "no-concurrent", "no-keep-eventfds", "no-realtime", "no-keep-vapic")
 
 
@@ -287,7 +289,7 @@ def start_doc(path: Path, upgrades: int, land_timeout: float, resume: bool) -> d
     }
     if not resume or not path.exists():
         return fresh
-    doc: dict[str, Any] = json.loads(path.read_text())
+    doc = load_json_object(path, BENCH_KEYS, "bench upgrade result")
     for key in ("upgrades_per_run", "land_timeout_s"):
         if doc.get(key) != fresh[key]:
             raise ValueError(f"--resume: {path} has {key} {doc.get(key)}, this run {fresh[key]}")
@@ -494,7 +496,10 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 
 def merge(paths: list[str]) -> dict[str, Any]:
     """Several bench JSON files of one VM run as one document (runs in order)."""
-    docs = [json.loads(Path(p).read_text()) for p in paths]
+    docs = [load_json_object(p, ("runs", "exec_startup_s"), "bench upgrade result") for p in paths]
+    empty = [p for p, d in zip(paths, docs, strict=True) if not d["runs"]]
+    if empty:
+        raise InputError(f"{', '.join(empty)}: no runs: nothing to report")
     doc = dict(docs[0])
     doc["runs"] = [r for d in docs for r in d["runs"]]
     doc["exec_startup_s"] = [x for d in docs for x in d["exec_startup_s"]]

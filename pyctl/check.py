@@ -34,6 +34,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pyctl.errors import InputError, load_json_object
+
 Key = tuple[int, int]  # (vCPU, vector)
 
 
@@ -211,25 +213,34 @@ def _walk(
 
 def load_log(path: str) -> tuple[list[Raise], list[Fetch], tuple[float, float] | None]:
     """Read a JSON log: ``{"raises": [[t, vcpu, vector, (issued)]...], "fetches":
-    [[t, vcpu, [vectors], side, (end)]...], "switch": [t0, t1] or null}``."""
-    with open(path) as f:
-        doc = json.load(f)
-    raises = [
-        Raise(float(r[0]), int(r[1]), int(r[2]), None if len(r) < 4 else float(r[3]))
-        for r in doc["raises"]
-    ]
-    fetches = [
-        Fetch(
-            float(f[0]),
-            int(f[1]),
-            frozenset(int(x) for x in f[2]),
-            str(f[3]),
-            None if len(f) < 5 else float(f[4]),
-        )
-        for f in doc["fetches"]
-    ]
-    sw = doc.get("switch")
-    return raises, fetches, (float(sw[0]), float(sw[1])) if sw else None
+    [[t, vcpu, [vectors], side, (end)]...], "switch": [t0, t1] or null}``.
+
+    :class:`~pyctl.errors.InputError` if the file is not such a log, or has
+    no raise (a check of nothing is not a pass).
+    """
+    doc = load_json_object(path, ("raises", "fetches"), "kvmlu log")
+    try:
+        raises = [
+            Raise(float(r[0]), int(r[1]), int(r[2]), None if len(r) < 4 else float(r[3]))
+            for r in doc["raises"]
+        ]
+        fetches = [
+            Fetch(
+                float(f[0]),
+                int(f[1]),
+                frozenset(int(x) for x in f[2]),
+                str(f[3]),
+                None if len(f) < 5 else float(f[4]),
+            )
+            for f in doc["fetches"]
+        ]
+        sw = doc.get("switch")
+        switch = (float(sw[0]), float(sw[1])) if sw else None
+    except (TypeError, ValueError, IndexError, KeyError) as e:
+        raise InputError(f"{path}: a malformed entry: {type(e).__name__}: {e}") from e
+    if not raises:
+        raise InputError(f"{path}: no raises: nothing to check")
+    return raises, fetches, switch
 
 
 def dump_log(

@@ -19,6 +19,8 @@ than at each call site; the rest name what went wrong, not an errno::
      +-- UsageError                 options that do not fit together (exit 2)
      +-- SetupError                 the machine lacks what is needed: the module,
      |                              an edu device on vfio-pci, a tool
+     +-- InputError (ValueError)    a file given to a command is empty, not JSON,
+     |                              or lacks what it must hold
      +-- RunError (RuntimeError)    a run went wrong: a VMM, a workload, a state
      |    +-- pyctl.upgrade.VmmError
      |    +-- pyctl.qemu.QemuError  the nested guest or its QEMU
@@ -32,7 +34,10 @@ ValueError or TypeError.
 from __future__ import annotations
 
 import errno
+import json
 import os
+from pathlib import Path
+from typing import Any
 
 
 class KvmluError(OSError):
@@ -92,6 +97,34 @@ class UsageError(KvmluError):
 
 class SetupError(KvmluError):
     """The machine lacks what a command needs: kvmlu.ko, an edu device, a tool."""
+
+
+class InputError(KvmluError, ValueError):
+    """A file a command reads is empty, not JSON, or lacks what it must hold."""
+
+
+def load_json_object(
+    path: str | os.PathLike[str], keys: tuple[str, ...], what: str
+) -> dict[str, Any]:
+    """The JSON object in *path*, which must have *keys*; :class:`InputError` if the
+    file is missing, empty, not JSON, not an object, or lacks one of them. *what*
+    names the file's kind in the message."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"{path}: {e.strerror}") from e
+    if not text.strip():
+        raise InputError(f"{path}: empty, not a {what}")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not a {what}: {e}") from e
+    if not isinstance(doc, dict):
+        raise InputError(f"{path}: not a {what}: a JSON {type(doc).__name__}, not an object")
+    missing = [k for k in keys if k not in doc]
+    if missing:
+        raise InputError(f"{path}: not a {what}: no {', '.join(missing)}")
+    return doc
 
 
 class RunError(KvmluError, RuntimeError):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from pyctl.check import Fetch, Raise, check, dump_log, load_log
+from pyctl.errors import InputError
 
 
 def F(t: float, vcpu: int, *vectors: int, side: str = "new") -> Fetch:
@@ -92,6 +95,38 @@ def test_kvmlu_check_cli(tmp_path: Path) -> None:
     assert r.returncode == 1 and "1 lost" in r.stdout, r.stdout + r.stderr
     r = subprocess.run([*kvmlu, "--json", str(bad)], capture_output=True, text=True, check=False)
     assert json.loads(r.stdout)["lost"] == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("", "empty"),
+        ("{", "not a kvmlu log"),
+        ("[]", "not an object"),
+        ('{"raises": []}', "no fetches"),
+        ('{"raises": [], "fetches": []}', "no raises: nothing to check"),
+        ('{"raises": [[1, 0]], "fetches": []}', "malformed entry"),
+        ('{"raises": [[1, 0, 65]], "fetches": [[2, 0, 65, "new"]]}', "malformed entry"),
+    ],
+)
+def test_a_log_that_is_not_one_is_an_input_error(tmp_path: Path, text: str, said: str) -> None:
+    """An empty, broken or raise-less log is refused, never checked as OK."""
+    log = tmp_path / "log.json"
+    log.write_text(text)
+    with pytest.raises(InputError, match=said):
+        load_log(str(log))
+
+
+def test_kvmlu_check_of_an_empty_log_exits_3(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    log = tmp_path / "empty.json"
+    log.write_text("")
+    r = subprocess.run([sys.executable, "-m", "pyctl.cli", "check", str(log)],
+                       capture_output=True, text=True, check=False)  # fmt: skip
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert r.stderr.count("\n") == 1 and "empty" in r.stderr, r.stderr
 
 
 def Fi(t: float, end: float, vcpu: int, *vectors: int) -> Fetch:

@@ -24,6 +24,7 @@ from pyctl.bench_upgrade import (
     table,
 )
 from pyctl.check import Raise, check
+from pyctl.errors import InputError
 from pyctl.livevmm import Optimisations
 from pyctl.upgrade import Downtime, Raiser, RunResult, _downtime, targets_for, windows_of
 
@@ -366,3 +367,14 @@ def test_upgrade_command_passes_every_option_to_run(monkeypatch: pytest.MonkeyPa
         "raise_in_window": True,
         "interval": 0.25,
     }
+
+
+def test_bench_results_that_are_not_are_input_errors(tmp_path: Path) -> None:
+    """bench report refuses an empty file and a result with no runs."""
+    empty, none = tmp_path / "empty.json", tmp_path / "none.json"
+    empty.write_text("")
+    none.write_text(json.dumps({"runs": [], "exec_startup_s": []}))
+    with pytest.raises(InputError, match="empty"):
+        merge([str(empty)])
+    with pytest.raises(InputError, match="no runs"):
+        merge([str(none)])
