@@ -444,6 +444,22 @@ class RunResult:
         }
 
 
+def _print_upgrade(n: int, i: int, dt: Downtime) -> None:
+    """One line per upgrade of ``kvmlu upgrade``, as it ends."""
+    how = " (rolled back)" if dt.rolled_back else ""
+    print(f"  upgrade {i + 1}/{n}: vCPU downtime {dt.total_ms:.2f} ms{how}", flush=True)
+
+
+#: Below this many samples a p99 is one of the largest few: say max and n.
+P99_MIN_SAMPLES = 100
+
+
+def _downtime_text(d: dict[str, float], n: int) -> str:
+    """p50 and max over n samples, and p99 only where n makes it one."""
+    p99 = f", p99 {d['p99']:.2f} ms" if n >= P99_MIN_SAMPLES else ""
+    return f"p50 {d['p50']:.2f} ms{p99}, max {d['max']:.2f} ms (n={n})"
+
+
 def _percentiles(xs: list[float]) -> dict[str, float]:
     if not xs:
         return {}
@@ -608,7 +624,7 @@ def _held(
     return new, dt
 
 
-def run(
+def run(  # noqa: PLR0915 - the run's one loop, its set-up and its tear-down
     edus: list[Edu],
     nr_vcpus: int,
     strategy: str,
@@ -623,6 +639,7 @@ def run(
     interval: float = 0.0,
     land_timeout: float = LAND_TIMEOUT,
     zygote: Zygote | None = None,
+    on_upgrade: Callable[[int, Downtime], None] | None = None,
 ) -> RunResult:
     """``upgrades`` upgrades in a row under a stream of MSIs, then the checker.
 
@@ -641,7 +658,8 @@ def run(
     ``land_timeout``: seconds after which a raise that has not landed counts
     as never landed; ``zygote`` forks the VMMs (the run starts and stops its
     own if None: a fresh interpreter costs seconds under TCG, so a caller
-    that runs many short runs passes one).
+    that runs many short runs passes one); ``on_upgrade(i, downtime)`` is
+    called as each upgrade ends.
     """
     faults = faults or {}
     targets = targets_for(nr_vcpus, len(edus))
@@ -666,6 +684,8 @@ def run(
             go = functools.partial(upgrade, vmm, zygote, strategy, vapic, opts, faults.get(i), hook)
             new, dt = _held(raiser, quiet_upgrades, vmm, go)
             downtimes.append(dt)
+            if on_upgrade is not None:
+                on_upgrade(i, dt)
             if new is not vmm:
                 reply = vmm.final or vmm.call("stop", drain=False)[0]
                 log += reply["log"]
@@ -798,6 +818,7 @@ def main(args: argparse.Namespace) -> int:
             faults=faults,
             raise_in_window=args.raise_in_window,
             interval=args.interval,
+            on_upgrade=functools.partial(_print_upgrade, args.upgrades),
         )
     finally:
         close_edus(edus)
@@ -808,7 +829,7 @@ def main(args: argparse.Namespace) -> int:
         f"{s['upgrades']} upgrades ({s['rolled_back']} rolled back)"
     )
     if d:
-        print(f"vCPU downtime: p50 {d['p50']:.2f} ms, p99 {d['p99']:.2f} ms, max {d['max']:.2f} ms")
+        print(f"vCPU downtime: {_downtime_text(d, s['upgrades'] - s['rolled_back'])}")
         print(
             "  phases (p50): " + ", ".join(f"{k} {v:.2f} ms" for k, v in s["phases_p50_ms"].items())
         )

@@ -498,6 +498,7 @@ def test_upgrade_options_reach_run_and_the_outputs(
     argv += ["--vapic", "1", "--optimisations", "none", "--fault", "3:load", "--fault", "0:old"]
     argv += ["--interval", "0.25", "--raise-in-window", "--json", str(out), "--log", str(log)]
     assert cli.main(argv) == 0
+    assert callable(runs[0][1].pop("on_upgrade"))
     assert runs == [
         (
             (["edu0", "edu1"], 6, "cpr", upgrade.Optimisations.parse("none"), 7),

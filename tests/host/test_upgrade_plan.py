@@ -361,12 +361,26 @@ def test_upgrade_command_passes_every_option_to_run(monkeypatch: pytest.MonkeyPa
     assert getattr(args[0], "n", None) == 2
     assert args[1:3] == (5, "naive") and args[4] == 7
     assert args[3] == upgrade.Optimisations.parse("none")
+    on_upgrade = kwargs.pop("on_upgrade")
     assert kwargs == {
         "vapic": 1,
         "faults": {3: "load"},
         "raise_in_window": True,
         "interval": 0.25,
     }
+    assert callable(on_upgrade)
+
+
+def test_upgrade_prints_a_line_per_upgrade_and_no_p99_of_few(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Each upgrade says its downtime as it ends; a p99 is printed only of 100
+    samples or more, the max and n always."""
+    upgrade._print_upgrade(7, 2, Downtime(1.0, 1.002, 1.004, 1.008, 1.0125))
+    assert capsys.readouterr().out == "  upgrade 3/7: vCPU downtime 12.50 ms\n"
+    d = {"p50": 1.0, "p99": 2.0, "max": 3.0, "min": 0.5}
+    assert upgrade._downtime_text(d, 50) == "p50 1.00 ms, max 3.00 ms (n=50)"
+    assert "p99 2.00 ms" in upgrade._downtime_text(d, 100)
 
 
 def test_bench_results_that_are_not_are_input_errors(tmp_path: Path) -> None:
