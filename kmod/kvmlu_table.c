@@ -397,9 +397,11 @@ static int kvmlu_table_set_sn(struct kvmlu_ucmd *ucmd)
 	desc = &table->desc[ss->vcpu];
 	ctl = READ_ONCE(desc->control);
 	if (ss->suppress) {
-		/* ON stays as it is; no post sets it after this step. */
-		while (!try_cmpxchg64(&desc->control, &ctl, ctl | KVMLU_PI_SN))
-			;
+		/*
+		 * One atomic step on the control word; ON stays as it is, and
+		 * no post's cmpxchg sets it after this.
+		 */
+		set_bit(KVMLU_PI_SN_BIT, kvmlu_ctl(desc));
 		return 0;
 	}
 	/* Clear SN, and set ON in the same step if a vector is pending. */
