@@ -11,7 +11,8 @@ runs as root inside the virtme-ng guest that :mod:`pyctl.vm` boots:
    waits until each one has an IOMMU group and its ``/dev/vfio/<group>`` node;
    loads ``kvm_amd`` when the CPU has ``svm`` (``kvm_intel`` for ``vmx``), so
    that ``/dev/kvm`` runs nested guests (a kernel without them is noted, not
-   a failure: tests that need ``/dev/kvm`` skip);
+   a failure: tests that need ``/dev/kvm`` skip), and holds one KVM VM open
+   until the end (:func:`hold_kvm_vm`);
 4. runs COMMAND with the environment passed through plus ``KVMLU_IN_VM=1``,
    ``KVMLU_EDU`` (comma-separated BDFs) and ``KVMLU_RESULTS`` (the writable
    results folder shared with the host);
@@ -26,14 +27,16 @@ runs as root inside the virtme-ng guest that :mod:`pyctl.vm` boots:
 ``status.json`` holds ``command_status`` (COMMAND's exit status, 128+N when
 killed by signal N, null when it was not run), ``klog_findings``,
 ``rmmod_errors``, ``setup_errors``, ``edu`` (one ``{"bdf", "group", "vfio"}``
-per function), ``kvm`` (the KVM module loaded and whether ``/dev/kvm``
-appeared), ``kmemleak_reports`` (objects kmemleak's final scan reported,
-null when it did not scan) and ``ok``.
+per function), ``kvm`` (the KVM module loaded, whether ``/dev/kvm``
+appeared and whether the runner holds a VM: :func:`hold_kvm_vm`),
+``kmemleak_reports`` (objects kmemleak's final scan reported, null when it
+did not scan) and ``ok``.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import select
@@ -65,6 +68,8 @@ DEV_KVM = Path("/dev/kvm")
 CPUINFO = Path("/proc/cpuinfo")
 # The KVM module for each CPU flag that offers hardware virtualisation.
 KVM_MODULES = {"svm": "kvm_amd", "vmx": "kvm_intel"}
+# _IO(KVMIO, 0x01): a new VM, returned as an fd (close-on-exec).
+KVM_CREATE_VM = 0xAE01
 DEBUGFS = Path("/sys/kernel/debug")
 KMEMLEAK = DEBUGFS / "kmemleak"
 # kmemleak reports an object only once it is this old (MSECS_MIN_AGE).
@@ -312,6 +317,30 @@ def load_kvm(timeout: float) -> dict[str, Any]:
     return info
 
 
+def hold_kvm_vm() -> tuple[int | None, str | None]:
+    """Create one KVM VM and return its fd (or None and why not).
+
+    KVM turns the scheduler's preempt-notifier static key on when it creates
+    its first VM and off when it destroys its last, and each switch patches
+    ``__schedule()`` with an int3 breakpoint while every CPU runs through it.
+    The test VM's vCPUs run under TCG, which does not always see the
+    breakpoint go away again: a Debian 6.12 kernel died of ``Oops: int3`` at
+    that jump (``__schedule+0x428``, key ``preempt_notifier_key``) while the
+    suite created and closed VMs.  A VM held for the whole run keeps the key
+    on, so it is patched once, here, and never again.
+    """
+    try:
+        kvm = os.open(DEV_KVM, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return None, f"cannot open {DEV_KVM}: {e}"
+    try:
+        return fcntl.ioctl(kvm, KVM_CREATE_VM, 0), None
+    except OSError as e:
+        return None, f"KVM_CREATE_VM: {e}"
+    finally:
+        os.close(kvm)
+
+
 class Kmemleak:
     """kmemleak's debugfs file: cleared when the run starts, scanned when it ends."""
 
@@ -453,31 +482,40 @@ def _command_env(
     return env
 
 
-def _setup(args: argparse.Namespace, out: Outcome, loaded: list[str]) -> None:
-    """Load the modules and bind the edu functions; errors go to out.setup_errors."""
+def _setup(args: argparse.Namespace, out: Outcome, loaded: list[str]) -> int | None:
+    """Load the modules, bind the edu functions, load KVM; errors go to out.setup_errors.
+
+    Returns the fd of the KVM VM held for the run (:func:`hold_kvm_vm`), if any.
+    """
     for path in args.module:
         say(f"insmod {path}")
         err = _run_tool(["insmod", str(path)])
         if err is not None:
             out.setup_errors.append(err)
-            return
+            return None
         loaded.append(module_name(path))
         if module_name(path) == "kvmlu" and not wait_for(DEV_KVMLU.exists, args.wait):
             out.setup_errors.append(f"{DEV_KVMLU} did not appear within {args.wait:g} s")
-            return
+            return None
     bdfs = find_edu()
     if args.expect_edu is not None and len(bdfs) != args.expect_edu:
         out.setup_errors.append(f"expected {args.expect_edu} edu devices, found {len(bdfs)}")
-        return
+        return None
     out.edu, errors = bind_edu(bdfs, args.wait)
     out.setup_errors += errors
     for dev in out.edu:
         say(f"edu {dev['bdf']} vfio-pci, iommu group {dev['group']}, {dev['vfio']}")
     out.kvm = load_kvm(args.wait)
-    if out.kvm["dev"] is not None:
-        say(f"{out.kvm['dev']} ready ({out.kvm['module'] or 'built in'})")
-    else:
+    if out.kvm["dev"] is None:
         say(f"no /dev/kvm: {out.kvm['error']}")
+        return None
+    say(f"{out.kvm['dev']} ready ({out.kvm['module'] or 'built in'})")
+    vm_fd, problem = hold_kvm_vm()
+    out.kvm["held_vm"] = vm_fd is not None
+    if problem is not None:
+        out.kvm["error"] = problem
+        say(f"no KVM VM held for the run: {problem}")
+    return vm_fd
 
 
 def _start_kmemleak(required: bool, out: Outcome) -> Kmemleak:
@@ -506,6 +544,16 @@ def _finish_kmemleak(leak: Kmemleak, out: Outcome) -> list[str]:
     return report
 
 
+def _unload(loaded: Sequence[str], out: Outcome) -> None:
+    """Unload the modules in reverse order; failures go to out.rmmod_errors."""
+    for name in reversed(loaded):
+        say(f"rmmod {name}")
+        err = _run_tool(["rmmod", name])
+        if err is not None:
+            out.rmmod_errors.append(err)
+            say(f"RMMOD FAILED (leaked objects?): {err}")
+
+
 def run(args: argparse.Namespace) -> Outcome:
     """Do one guest run as described in the module docstring."""
     status_file: Path = args.status_file
@@ -515,9 +563,10 @@ def run(args: argparse.Namespace) -> Outcome:
     kmsg_write(MARKER_START)
     leak = _start_kmemleak(args.require_kmemleak, out)
     loaded: list[str] = []
+    held_vm: int | None = None
     try:
         if not out.setup_errors:
-            _setup(args, out, loaded)
+            held_vm = _setup(args, out, loaded)
         if out.setup_errors:
             for problem in out.setup_errors:
                 say(f"SETUP FAILED: {problem}")
@@ -531,12 +580,9 @@ def run(args: argparse.Namespace) -> Outcome:
         else:
             out.command_status = 0
     finally:
-        for name in reversed(loaded):
-            say(f"rmmod {name}")
-            err = _run_tool(["rmmod", name])
-            if err is not None:
-                out.rmmod_errors.append(err)
-                say(f"RMMOD FAILED (leaked objects?): {err}")
+        if held_vm is not None:
+            os.close(held_vm)
+        _unload(loaded, out)
         leaks = _finish_kmemleak(leak, out)
         kmsg_write(MARKER_END)
         if not reader.stop():
