@@ -17,6 +17,13 @@
  * Identity is the calling task's at each ioctl, not that of the opener of
  * /dev/kvmlu: a device fd handed to a VMM lends it no one else's sessions.
  * An open session fd, by contrast, is a capability like any other file.
+ *
+ * Sessions are found by name in a hash table, objects by token in a
+ * per-session rbtree, and a file already preserved (in any session) in a
+ * hash table keyed by the file: no command walks every session or every
+ * object but LIST_SESSIONS and FINISH. Files are put only after the locks
+ * are dropped, since the last fput() of a VFIO device or a binding does
+ * real work.
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
@@ -26,25 +33,65 @@
 #include <linux/eventfd.h>
 #include <linux/file.h>
 #include <linux/fs.h>
+#include <linux/hash.h>
+#include <linux/hashtable.h>
+#include <linux/magic.h>
+#include <linux/major.h>
+#include <linux/miscdevice.h>
 #include <linux/module.h>
+#include <linux/moduleparam.h>
+#include <linux/rbtree.h>
 #include <linux/slab.h>
+#include <linux/spinlock.h>
 #include <linux/string.h>
+#include <linux/stringhash.h>
 #include <linux/uaccess.h>
 #include <linux/uidgid.h>
 #include <linux/user_namespace.h>
+#include <linux/vfio.h>
 
 #include "kvmlu_internal.h"
+
+/*
+ * The limits, kvmlu.ko parameters an administrator may change at any time;
+ * a change applies to the sessions and objects created after it.
+ */
+static unsigned int max_sessions_per_owner = 1024;
+module_param(max_sessions_per_owner, uint, 0644);
+MODULE_PARM_DESC(max_sessions_per_owner,
+		 "Sessions one owner may have until they are finished (EDQUOT beyond)");
+static unsigned int max_objects_per_session = 65536;
+module_param(max_objects_per_session, uint, 0644);
+MODULE_PARM_DESC(max_objects_per_session,
+		 "Files one session may preserve (ENOSPC beyond)");
 
 /**
  * struct kvmlu_object - one preserved file
  * @token: The token it is retrieved by.
  * @file: The file; the session holds a reference.
- * @link: Entry in &kvmlu_session.objects.
+ * @node: Entry in &kvmlu_session.objects, by @token.
+ * @file_node: Entry in kvmlu_preserved_files, by @file.
  */
 struct kvmlu_object {
 	u64 token;
 	struct file *file;
-	struct list_head link;
+	struct rb_node node;
+	struct hlist_node file_node;
+};
+
+/**
+ * struct kvmlu_owner - the sessions of one owner, counted
+ * @uid: The owner's effective uid.
+ * @ns: The owner's user namespace. Not a reference: each of the owner's
+ *	sessions holds one, and the record lives only while there is one.
+ * @nr_sessions: The owner's sessions on the list.
+ * @node: Entry in kvmlu_owners.
+ */
+struct kvmlu_owner {
+	kuid_t uid;
+	struct user_namespace *ns;
+	unsigned int nr_sessions;
+	struct hlist_node node;
 };
 
 /**
@@ -56,11 +103,13 @@ struct kvmlu_object {
  * @owner_ns: The creator's user namespace; the session holds a reference,
  *	so the namespace outlives every task in it while the session exists.
  *	Fixed.
+ * @owner: The owner's count; set while on the list.
  * @node: Entry in kvmlu_sessions, under kvmlu_sessions_lock, until finish.
+ * @name_node: Entry in kvmlu_session_names, likewise.
  * @held: Session files open. Under kvmlu_sessions_lock.
  * @lock: Protects @objects, @nr_objects and @finished.
- * @objects: The preserved files, &struct kvmlu_object.
- * @nr_objects: Entries in @objects.
+ * @objects: The preserved files, &struct kvmlu_object, by token.
+ * @nr_objects: Entries in @objects. Written under @lock, read without.
  * @finished: FINISH ran: @objects is empty for good.
  */
 struct kvmlu_session {
@@ -68,19 +117,37 @@ struct kvmlu_session {
 	char name[KVMLU_SESSION_NAME_LEN];
 	kuid_t owner_uid;
 	struct user_namespace *owner_ns;
+	struct kvmlu_owner *owner;
 	struct list_head node;
+	struct hlist_node name_node;
 	unsigned int held;
 	struct mutex lock; /* see above */
-	struct list_head objects;
+	struct rb_root objects;
 	u32 nr_objects;
 	bool finished;
 };
 
-/* Protects kvmlu_sessions, kvmlu_nr_sessions and each &kvmlu_session.held. */
+/*
+ * Protects kvmlu_sessions, kvmlu_session_names, kvmlu_owners,
+ * kvmlu_nr_sessions (written under it, read without) and each
+ * &kvmlu_session.held. Taken before any &kvmlu_session.lock.
+ */
 static DEFINE_MUTEX(kvmlu_sessions_lock);
+/* The sessions, oldest first, for LIST_SESSIONS. */
 static LIST_HEAD(kvmlu_sessions);
+/* The same sessions by the hash of their name. */
+static DEFINE_HASHTABLE(kvmlu_session_names, 10);
+/* A &struct kvmlu_owner for each owner with a session on the list. */
+static DEFINE_HASHTABLE(kvmlu_owners, 6);
 /* Entries of kvmlu_sessions. */
 static u32 kvmlu_nr_sessions;
+
+/*
+ * Every preserved file, by its address, so that one file is not preserved
+ * twice. Nests inside &kvmlu_session.lock.
+ */
+static DEFINE_SPINLOCK(kvmlu_preserved_lock);
+static DEFINE_HASHTABLE(kvmlu_preserved_files, 10);
 
 static const struct file_operations kvmlu_session_fops;
 
@@ -88,7 +155,7 @@ static void kvmlu_session_free(struct kref *ref)
 {
 	struct kvmlu_session *s = container_of(ref, struct kvmlu_session, ref);
 
-	WARN_ON(!list_empty(&s->objects));
+	WARN_ON(!RB_EMPTY_ROOT(&s->objects));
 	put_user_ns(s->owner_ns);
 	mutex_destroy(&s->lock);
 	kfree(s);
@@ -132,16 +199,77 @@ static bool kvmlu_session_visible(const struct kvmlu_session *s)
 	       ns_capable_noaudit(s->owner_ns, CAP_SYS_ADMIN);
 }
 
+static u32 kvmlu_name_hash(const char *name)
+{
+	return full_name_hash(NULL, name, strlen(name));
+}
+
 /* The calling task's own session called @name, or NULL. */
 static struct kvmlu_session *kvmlu_session_find_own(const char *name)
 {
 	struct kvmlu_session *s;
 
 	lockdep_assert_held(&kvmlu_sessions_lock);
-	list_for_each_entry(s, &kvmlu_sessions, node)
+	hash_for_each_possible(kvmlu_session_names, s, name_node,
+			       kvmlu_name_hash(name))
 		if (!strcmp(s->name, name) && kvmlu_session_owned(s))
 			return s;
 	return NULL;
+}
+
+static u32 kvmlu_owner_hash(const struct user_namespace *ns, kuid_t uid)
+{
+	return hash_ptr(ns, 32) ^ __kuid_val(uid);
+}
+
+/* The calling task's owner record, or NULL if it has no session. */
+static struct kvmlu_owner *kvmlu_owner_find(void)
+{
+	struct user_namespace *ns = current_user_ns();
+	kuid_t uid = current_euid();
+	struct kvmlu_owner *o;
+
+	lockdep_assert_held(&kvmlu_sessions_lock);
+	hash_for_each_possible(kvmlu_owners, o, node, kvmlu_owner_hash(ns, uid))
+		if (o->ns == ns && uid_eq(o->uid, uid))
+			return o;
+	return NULL;
+}
+
+/*
+ * Count one more session for the calling task, or -EDQUOT at the limit.
+ * @spare is a zeroed record to use if the task has none yet; it is set to
+ * NULL when used.
+ */
+static struct kvmlu_owner *kvmlu_owner_get(struct kvmlu_owner **spare)
+{
+	struct kvmlu_owner *o;
+
+	lockdep_assert_held(&kvmlu_sessions_lock);
+	o = kvmlu_owner_find();
+	if (o) {
+		if (o->nr_sessions >= READ_ONCE(max_sessions_per_owner))
+			return ERR_PTR(-EDQUOT);
+	} else {
+		if (!READ_ONCE(max_sessions_per_owner))
+			return ERR_PTR(-EDQUOT);
+		o = *spare;
+		*spare = NULL;
+		o->uid = current_euid();
+		o->ns = current_user_ns();
+		hash_add(kvmlu_owners, &o->node, kvmlu_owner_hash(o->ns, o->uid));
+	}
+	o->nr_sessions++;
+	return o;
+}
+
+static void kvmlu_owner_put(struct kvmlu_owner *o)
+{
+	lockdep_assert_held(&kvmlu_sessions_lock);
+	if (--o->nr_sessions)
+		return;
+	hash_del(&o->node);
+	kfree(o);
 }
 
 /*
@@ -159,7 +287,8 @@ static struct kvmlu_session *kvmlu_session_resolve(const char *name)
 	s = kvmlu_session_find_own(name);
 	if (s)
 		return s;
-	list_for_each_entry(s, &kvmlu_sessions, node) {
+	hash_for_each_possible(kvmlu_session_names, s, name_node,
+			       kvmlu_name_hash(name)) {
 		if (strcmp(s->name, name) ||
 		    !ns_capable_noaudit(s->owner_ns, CAP_SYS_ADMIN))
 			continue;
@@ -177,18 +306,34 @@ static struct kvmlu_session *kvmlu_session_resolve(const char *name)
 	return found;
 }
 
-/* Drop every object; the session is finished. Caller holds @s->lock. */
-static void kvmlu_session_drop_objects(struct kvmlu_session *s)
+/*
+ * Take every object out of @s and return them as a tree for
+ * kvmlu_objects_free(), to be called once the locks are dropped.
+ */
+static struct rb_root kvmlu_session_take_objects(struct kvmlu_session *s)
 {
+	struct rb_root taken = s->objects;
 	struct kvmlu_object *obj, *tmp;
 
 	lockdep_assert_held(&s->lock);
-	list_for_each_entry_safe(obj, tmp, &s->objects, link) {
-		list_del(&obj->link);
+	spin_lock(&kvmlu_preserved_lock);
+	rbtree_postorder_for_each_entry_safe(obj, tmp, &taken, node)
+		hash_del(&obj->file_node);
+	spin_unlock(&kvmlu_preserved_lock);
+	s->objects = RB_ROOT;
+	WRITE_ONCE(s->nr_objects, 0);
+	return taken;
+}
+
+/* Put the files of objects taken out of their session, and free them. */
+static void kvmlu_objects_free(struct rb_root *taken)
+{
+	struct kvmlu_object *obj, *tmp;
+
+	rbtree_postorder_for_each_entry_safe(obj, tmp, taken, node) {
 		fput(obj->file);
 		kfree(obj);
 	}
-	s->nr_objects = 0;
 }
 
 /*
@@ -238,16 +383,22 @@ static int kvmlu_session_reply(struct kvmlu_ucmd *ucmd,
 int kvmlu_create_session(struct kvmlu_ucmd *ucmd)
 {
 	struct kvmlu_session_create *sc = ucmd->cmd;
+	struct kvmlu_owner *spare, *owner = NULL;
 	struct kvmlu_session *s;
 	int ret;
 
 	if (sc->flags || sc->reserved)
 		return -EINVAL;
 	s = kzalloc(sizeof(*s), GFP_KERNEL_ACCOUNT);
-	if (!s)
+	spare = kzalloc(sizeof(*spare), GFP_KERNEL_ACCOUNT);
+	if (!s || !spare) {
+		kfree(spare);
+		kfree(s);
 		return -ENOMEM;
+	}
 	ret = kvmlu_session_name(s->name, sc->name);
 	if (ret) {
+		kfree(spare);
 		kfree(s);
 		return ret;
 	}
@@ -256,20 +407,31 @@ int kvmlu_create_session(struct kvmlu_ucmd *ucmd)
 	/* The initial reference is the module list's. */
 	kref_init(&s->ref);
 	mutex_init(&s->lock);
-	INIT_LIST_HEAD(&s->objects);
+	s->objects = RB_ROOT;
 	INIT_LIST_HEAD(&s->node);
 
 	mutex_lock(&kvmlu_sessions_lock);
-	if (kvmlu_session_find_own(s->name))
+	if (kvmlu_session_find_own(s->name)) {
 		ret = -EEXIST;
-	else
-		ret = kvmlu_session_reply(ucmd, sc, s);
+	} else {
+		owner = kvmlu_owner_get(&spare);
+		if (IS_ERR(owner))
+			ret = PTR_ERR(owner);
+		else
+			ret = kvmlu_session_reply(ucmd, sc, s);
+	}
 	if (!ret) {
+		s->owner = owner;
 		list_add_tail(&s->node, &kvmlu_sessions);
-		kvmlu_nr_sessions++;
+		hash_add(kvmlu_session_names, &s->name_node,
+			 kvmlu_name_hash(s->name));
+		WRITE_ONCE(kvmlu_nr_sessions, kvmlu_nr_sessions + 1);
 		__module_get(THIS_MODULE);
+	} else if (!IS_ERR_OR_NULL(owner)) {
+		kvmlu_owner_put(owner);
 	}
 	mutex_unlock(&kvmlu_sessions_lock);
+	kfree(spare);
 	if (ret)
 		kvmlu_session_put(s);
 	return ret;
@@ -342,9 +504,7 @@ int kvmlu_list_sessions(struct kvmlu_ucmd *ucmd)
 			continue;
 		e = &entries[i++];
 		memcpy(e->name, s->name, sizeof(e->name));
-		mutex_lock(&s->lock);
-		e->nr_objects = s->nr_objects;
-		mutex_unlock(&s->lock);
+		e->nr_objects = READ_ONCE(s->nr_objects);
 		e->state = s->held ? KVMLU_SESSION_HELD : 0;
 	}
 	mutex_unlock(&kvmlu_sessions_lock);
@@ -361,49 +521,157 @@ int kvmlu_list_sessions(struct kvmlu_ucmd *ucmd)
 
 u32 kvmlu_session_count(void)
 {
-	u32 n;
+	return READ_ONCE(kvmlu_nr_sessions);
+}
 
-	mutex_lock(&kvmlu_sessions_lock);
-	n = kvmlu_nr_sessions;
-	mutex_unlock(&kvmlu_sessions_lock);
-	return n;
+/* Is @file one of VFIO's: its container, a group or a device? */
+static bool kvmlu_vfio_file(struct file *file)
+{
+	struct inode *inode = file_inode(file);
+	bool (*is_vfio)(struct file *file);
+	bool ret = false;
+
+	/* /dev/vfio/vfio, whether VFIO or iommufd provides it. */
+	if (S_ISCHR(inode->i_mode) && imajor(inode) == MISC_MAJOR &&
+	    iminor(inode) == VFIO_MINOR)
+		return true;
+	/*
+	 * Found at run time, so that kvmlu.ko loads without vfio.ko; if VFIO
+	 * is not loaded, no file is VFIO's.
+	 */
+#ifdef KVMLU_HAVE_VFIO_FILE_IS_VALID
+	is_vfio = symbol_get(vfio_file_is_valid);
+	if (is_vfio) {
+		ret = is_vfio(file);
+		symbol_put(vfio_file_is_valid);
+	}
+#else
+	is_vfio = symbol_get(vfio_file_is_group);
+	if (is_vfio) {
+		ret = is_vfio(file);
+		symbol_put(vfio_file_is_group);
+	}
+	/*
+	 * Kernels without vfio_file_is_valid() export no test for a device
+	 * fd: it is VFIO's anonymous file of that name.
+	 */
+	if (!ret && file->f_op->owner &&
+	    !strcmp(module_name(file->f_op->owner), "vfio"))
+		ret = !strcmp(file_dentry(file)->d_name.name, "[vfio-device]");
+#endif
+	return ret;
 }
 
 /*
- * Can @file be preserved? Files that may hold references to other files
- * (sessions, sockets, epoll, io_uring...) could keep their own session alive;
- * anonymous-inode files other than those listed have unknown state.
+ * Can @file be preserved? Only what is on this list, whatever else a kernel
+ * lets a file do: no file here can hold a reference to another file (a
+ * socket with fds in flight, epoll, io_uring, a session could keep their
+ * own session alive), and each keeps its state with no process holding it.
  */
 static bool kvmlu_preservable(struct file *file)
 {
-	umode_t mode = file_inode(file)->i_mode;
+	struct inode *inode = file_inode(file);
 	struct eventfd_ctx *ctx;
 
-	if (file->f_op == &kvmlu_session_fops)
-		return false;
-	if (S_ISREG(mode) || S_ISCHR(mode) || S_ISFIFO(mode))
-		return true;
 	if (kvmlu_is_table_file(file) || kvmlu_is_binding_file(file))
 		return true;
+	/* Pipes and FIFOs. */
+	if (S_ISFIFO(inode->i_mode))
+		return true;
+	/* memfds and other files of tmpfs or hugetlbfs: guest RAM, state. */
+	if (S_ISREG(inode->i_mode))
+		return inode->i_sb->s_magic == TMPFS_MAGIC ||
+		       inode->i_sb->s_magic == HUGETLBFS_MAGIC;
 	ctx = eventfd_ctx_fileget(file);
 	if (!IS_ERR(ctx)) {
 		eventfd_ctx_put(ctx);
 		return true;
 	}
-	/* vfio-pci's device fd, an anonymous inode named by VFIO. */
-	return !strcmp(file_dentry(file)->d_name.name, "[vfio-device]");
+	return kvmlu_vfio_file(file);
 }
 
 static struct kvmlu_object *kvmlu_session_lookup(struct kvmlu_session *s,
 						 u64 token)
 {
-	struct kvmlu_object *obj;
+	struct rb_node *n = s->objects.rb_node;
 
 	lockdep_assert_held(&s->lock);
-	list_for_each_entry(obj, &s->objects, link)
-		if (obj->token == token)
+	while (n) {
+		struct kvmlu_object *obj = rb_entry(n, struct kvmlu_object, node);
+
+		if (token < obj->token)
+			n = n->rb_left;
+		else if (token > obj->token)
+			n = n->rb_right;
+		else
 			return obj;
+	}
 	return NULL;
+}
+
+/* Is @file preserved, in any session? */
+static bool kvmlu_file_preserved(struct file *file)
+{
+	struct kvmlu_object *obj;
+
+	lockdep_assert_held(&kvmlu_preserved_lock);
+	hash_for_each_possible(kvmlu_preserved_files, obj, file_node,
+			       hash_ptr(file, 32))
+		if (obj->file == file)
+			return true;
+	return false;
+}
+
+/*
+ * Add @new to @s: -EEXIST if its token is taken, -EALREADY if its file is
+ * preserved already (here or in another session), -ENOSPC at the limit.
+ */
+static int kvmlu_session_insert(struct kvmlu_session *s,
+				struct kvmlu_object *new)
+{
+	struct rb_node **link = &s->objects.rb_node, *parent = NULL;
+	int ret = 0;
+
+	lockdep_assert_held(&s->lock);
+	while (*link) {
+		struct kvmlu_object *obj;
+
+		parent = *link;
+		obj = rb_entry(parent, struct kvmlu_object, node);
+		if (new->token < obj->token)
+			link = &parent->rb_left;
+		else if (new->token > obj->token)
+			link = &parent->rb_right;
+		else
+			return -EEXIST;
+	}
+	if (s->nr_objects >= READ_ONCE(max_objects_per_session))
+		return -ENOSPC;
+	spin_lock(&kvmlu_preserved_lock);
+	if (kvmlu_file_preserved(new->file))
+		ret = -EALREADY;
+	else
+		hash_add(kvmlu_preserved_files, &new->file_node,
+			 hash_ptr(new->file, 32));
+	spin_unlock(&kvmlu_preserved_lock);
+	if (ret)
+		return ret;
+	rb_link_node(&new->node, parent, link);
+	rb_insert_color(&new->node, &s->objects);
+	WRITE_ONCE(s->nr_objects, s->nr_objects + 1);
+	return 0;
+}
+
+/* Take @obj out of @s. */
+static void kvmlu_session_remove(struct kvmlu_session *s,
+				 struct kvmlu_object *obj)
+{
+	lockdep_assert_held(&s->lock);
+	spin_lock(&kvmlu_preserved_lock);
+	hash_del(&obj->file_node);
+	spin_unlock(&kvmlu_preserved_lock);
+	rb_erase(&obj->node, &s->objects);
+	WRITE_ONCE(s->nr_objects, s->nr_objects - 1);
 }
 
 static int kvmlu_session_preserve(struct kvmlu_ucmd *ucmd)
@@ -434,14 +702,8 @@ static int kvmlu_session_preserve(struct kvmlu_ucmd *ucmd)
 	mutex_lock(&s->lock);
 	if (s->finished)
 		ret = -ESTALE;
-	else if (kvmlu_session_lookup(s, sp->token))
-		ret = -EEXIST;
 	else
-		ret = 0;
-	if (!ret) {
-		list_add_tail(&obj->link, &s->objects);
-		s->nr_objects++;
-	}
+		ret = kvmlu_session_insert(s, obj);
 	mutex_unlock(&s->lock);
 	if (!ret)
 		return 0;
@@ -492,12 +754,10 @@ static int kvmlu_session_unpreserve(struct kvmlu_ucmd *ucmd)
 
 	mutex_lock(&s->lock);
 	obj = s->finished ? NULL : kvmlu_session_lookup(s, st->token);
-	if (obj) {
-		list_del(&obj->link);
-		s->nr_objects--;
-	} else {
+	if (obj)
+		kvmlu_session_remove(s, obj);
+	else
 		ret = s->finished ? -ESTALE : -ENOENT;
-	}
 	mutex_unlock(&s->lock);
 	if (obj) {
 		fput(obj->file);
@@ -510,6 +770,7 @@ static int kvmlu_session_finish(struct kvmlu_ucmd *ucmd)
 {
 	struct kvmlu_session_finish *sf = ucmd->cmd;
 	struct kvmlu_session *s = ucmd->obj;
+	struct rb_root taken = RB_ROOT;
 	bool was_finished;
 
 	if (sf->flags)
@@ -519,14 +780,18 @@ static int kvmlu_session_finish(struct kvmlu_ucmd *ucmd)
 	mutex_lock(&s->lock);
 	was_finished = s->finished;
 	if (!was_finished) {
-		kvmlu_session_drop_objects(s);
+		taken = kvmlu_session_take_objects(s);
 		s->finished = true;
 		list_del_init(&s->node);
-		kvmlu_nr_sessions--;
+		hash_del(&s->name_node);
+		kvmlu_owner_put(s->owner);
+		s->owner = NULL;
+		WRITE_ONCE(kvmlu_nr_sessions, kvmlu_nr_sessions - 1);
 	}
 	mutex_unlock(&s->lock);
 	mutex_unlock(&kvmlu_sessions_lock);
 
+	kvmlu_objects_free(&taken);
 	if (!was_finished) {
 		/* The list's references: on the session and on the module. */
 		kvmlu_session_put(s);

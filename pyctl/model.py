@@ -10,6 +10,7 @@ model side by side and compares them after every step.
 from __future__ import annotations
 
 import errno
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,18 +212,27 @@ class VapicModel:
 
 @dataclass
 class SessionModel:
-    """One named session: its tokens, whether an fd of it is open, whether finished."""
+    """One named session: its tokens, whether an fd of it is open, whether finished.
 
-    tokens: set[int] = field(default_factory=set)
+    ``tokens`` maps each token to the file it holds (any hashable name for
+    it); ``preserved`` is the set of files every session holds, shared by the
+    sessions of one :class:`SessionsModel`: a file is preserved once.
+    """
+
+    tokens: dict[int, Hashable] = field(default_factory=dict)
     held: bool = True
     finished: bool = False
+    preserved: set[Hashable] = field(default_factory=set)
 
-    def preserve(self, token: int) -> int:
+    def preserve(self, token: int, file: Hashable) -> int:
         if self.finished:
             return errno.ESTALE
         if token in self.tokens:
             return errno.EEXIST
-        self.tokens.add(token)
+        if file in self.preserved:
+            return errno.EALREADY
+        self.tokens[token] = file
+        self.preserved.add(file)
         return 0
 
     def retrieve(self, token: int) -> int:
@@ -233,10 +243,11 @@ class SessionModel:
     def unpreserve(self, token: int) -> int:
         err = self.retrieve(token)
         if not err:
-            self.tokens.discard(token)
+            self.preserved.discard(self.tokens.pop(token))
         return err
 
     def finish(self) -> None:
+        self.preserved.difference_update(self.tokens.values())
         self.tokens.clear()
         self.finished = True
 
@@ -246,11 +257,12 @@ class SessionsModel:
 
     def __init__(self) -> None:
         self.sessions: dict[str, SessionModel] = {}
+        self.preserved: set[Hashable] = set()
 
     def create(self, name: str) -> int:
         if name in self.sessions:
             return errno.EEXIST
-        self.sessions[name] = SessionModel()
+        self.sessions[name] = SessionModel(preserved=self.preserved)
         return 0
 
     def retrieve(self, name: str) -> int:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,18 @@ def module_path(name: str) -> Path:
         if Path(path).name == f"{name}.ko":
             return Path(path)
     return CHECKOUT / "kmod" / f"{name}.ko"
+
+
+@contextmanager
+def module_param(name: str, value: int, module: str = "kvmlu") -> Iterator[None]:
+    """Module parameter ``name`` set to ``value`` for the block, then put back."""
+    path = Path("/sys/module") / module / "parameters" / name
+    old = path.read_text().strip()
+    path.write_text(str(value))
+    try:
+        yield
+    finally:
+        path.write_text(old)
 
 
 def eventfd_count(fd: int) -> int:

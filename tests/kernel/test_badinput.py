@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from kutil import eventfd_count, fd_count, raw_arg, snapshot
+from kutil import eventfd_count, fd_count, module_param, raw_arg, snapshot
 
 from pyctl.errors import KvmluError
 from pyctl.kvmlu import Device, PostResult, Session, Table
@@ -474,6 +474,28 @@ def test_preserve_type_refused(env: Env, kind: str) -> None:
 def test_preserve_token_taken(env: Env) -> None:
     cmd = BY_NAME["PRESERVE"]
     env.refused(env.session.fd, cmd.request, env.arg(cmd, token=1), errno.EEXIST)
+
+
+def test_preserve_file_preserved_already(env: Env) -> None:
+    """PRESERVE of a file a session holds already (the table, under token 1) is EALREADY."""
+    cmd = BY_NAME["PRESERVE"]
+    arg = env.arg(cmd, fd=env.table.fd, token=2)
+    env.refused(env.session.fd, cmd.request, arg, errno.EALREADY)
+
+
+def test_preserve_session_full(env: Env) -> None:
+    """PRESERVE into a session at max_objects_per_session is ENOSPC."""
+    cmd = BY_NAME["PRESERVE"]
+    with module_param("max_objects_per_session", 1):
+        env.refused(env.session.fd, cmd.request, env.arg(cmd, token=2), errno.ENOSPC)
+
+
+def test_create_session_over_quota(env: Env) -> None:
+    """CREATE_SESSION by an owner at max_sessions_per_owner is EDQUOT."""
+    cmd = BY_NAME["CREATE_SESSION"]
+    with module_param("max_sessions_per_owner", 0):
+        env.refused(env.dev.fd, cmd.request, env.arg(cmd, name=b"badinput-new"), errno.EDQUOT)
+    assert "badinput-new" not in {e.name for e in env.dev.list_sessions()}
 
 
 @pytest.mark.parametrize("name", ["RETRIEVE", "UNPRESERVE"])

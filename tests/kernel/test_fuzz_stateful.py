@@ -421,7 +421,7 @@ class KvmluMachine(RuleBasedStateMachine):
             os.close(closed)
             self._expect(errno.EBADF, real.preserve, closed, token)
             return
-        err = m.preserve(token)
+        err = m.preserve(token, (what, table if what == "table" else src))
         self._expect(err, real.preserve, fd, token)
         if not err and what == "table":
             self.preserved[name][token] = table  # type: ignore[assignment]

@@ -70,8 +70,13 @@
  *  - ENOTUNIQ: the caller has no session of that name, and the sessions of
  *    several owners it administers have it (see "Session owners").
  *  - EOPNOTSUPP: a file of a type a session cannot preserve.
+ *  - EALREADY: the file is preserved already, in this session or another.
+ *  - EDQUOT: the caller has as many sessions as kvmlu.ko's
+ *    max_sessions_per_owner parameter allows (see "Sessions").
  *  - ESTALE: the session was finished.
- *  - ENOSPC: a vAPIC blob does not fit the buffer given.
+ *  - ENOSPC: a vAPIC blob does not fit the buffer given; the session
+ *    preserves as many files as the max_objects_per_session parameter
+ *    allows.
  *  - EBADMSG, EPROTONOSUPPORT: see "vAPIC modules" below.
  *  - EPERM: a test-only flag while the module does not allow them.
  *  - ENOMEM, EMFILE, ENFILE: the kernel could not allocate the object or a
@@ -698,13 +703,25 @@ struct kvmlu_vapic_load {
  * reference on kvmlu.ko until it is finished: the module cannot be unloaded
  * under a preserved session.
  *
- * A session can preserve kvmlu tables and bindings, eventfds, VFIO device
- * fds, regular files (a memfd of guest RAM or of saved state), pipes and
- * character devices (VFIO group and container fds). It refuses with
- * EOPNOTSUPP every file that can itself hold references to other files --
- * sessions, sockets (fds in flight), epoll and io_uring instances -- because
- * such a file could keep its own session alive forever, and every other
- * anonymous-inode file, whose state is not known to survive its owner.
+ * A session preserves these files and no others, on every kernel alike:
+ * kvmlu tables and bindings; eventfds; pipes and FIFOs; memfds and other
+ * regular files of tmpfs or hugetlbfs (guest RAM, saved state); VFIO's
+ * container (/dev/vfio/vfio), group and device fds. Anything else is
+ * EOPNOTSUPP: in particular every file that can itself hold references to
+ * other files -- sessions, sockets (fds in flight), epoll and io_uring
+ * instances -- because such a file could keep its own session alive
+ * forever, and files whose state is not known to survive their owner
+ * (other device nodes, files of other filesystems, pidfds and other
+ * anonymous-inode files).
+ *
+ * A file is preserved once: PRESERVE of a file that a session (this one or
+ * another) holds already is EALREADY, whichever fd names it. An owner (see
+ * "Session owners") may have at most max_sessions_per_owner sessions
+ * (a kvmlu.ko parameter, 1024 unless changed) until they are finished,
+ * whether or not any process still holds them: CREATE_SESSION beyond that
+ * is EDQUOT. A session preserves at most max_objects_per_session files
+ * (65536 unless changed): PRESERVE beyond that is ENOSPC. A change of
+ * either parameter applies to what is created after it.
  *
  * Names are NUL-terminated strings of 1..63 bytes, the rest of the field
  * zero; anything else is EINVAL.
@@ -756,10 +773,11 @@ struct kvmlu_vapic_load {
  * @reserved: Must be zero.
  *
  * CREATE makes a new session owned by the caller (EEXIST if the caller has
- * one of that name). RETRIEVE opens an existing one: the caller's own of
- * that name, else the one of another owner the caller administers (ENOENT
- * if there is none, ENOTUNIQ if there are several, EBUSY while any file
- * descriptor of that session is open). See "Session owners".
+ * one of that name, EDQUOT if it has as many as it may). RETRIEVE opens an
+ * existing one: the caller's own of that name, else the one of another
+ * owner the caller administers (ENOENT if there is none, ENOTUNIQ if there
+ * are several, EBUSY while any file descriptor of that session is open).
+ * See "Session owners".
  */
 struct kvmlu_session_create {
 	__u32 size;
@@ -813,6 +831,10 @@ struct kvmlu_list_sessions {
  * @fd: Input. The file descriptor to preserve.
  * @reserved: Must be zero.
  * @token: Input. The token to retrieve it by; unique in the session.
+ *
+ * EOPNOTSUPP for a file of a type not listed in "Sessions", EEXIST for a
+ * token in use, EALREADY for a file some session holds already, ENOSPC when
+ * the session is full.
  */
 struct kvmlu_session_preserve {
 	__u32 size;
