@@ -188,11 +188,11 @@ void kvmlu_counters_read(struct kvmlu_counters *c, struct kvmlu_stats *out);
  * struct kvmlu_table - a table of posted-interrupt descriptors
  * @ref: Keeps the table alive; the table file holds one reference.
  * @nr_vcpus: Number of descriptors; fixed at creation.
- * @desc: The descriptors, @nr_vcpus of them in physically contiguous,
- *	page-aligned memory that never moves. PIR and control words change
- *	only through atomic operations (see kvmlu_post()); NV and NDST are
- *	written with a compare-and-exchange of the control word under @lock.
- * @desc_order: Allocation order of @desc.
+ * @desc: The descriptors, @nr_vcpus of them in page-aligned vmalloc memory
+ *	that never moves (each 64-byte descriptor within one page). PIR and
+ *	control words change only through atomic operations (see
+ *	kvmlu_post()); NV and NDST are written with a compare-and-exchange of
+ *	the control word under @lock.
  * @lock: Protects each &kvmlu_vcpu.notify and serialises writers of NV and
  *	NDST. Taken with interrupts disabled: @notify_work takes it in hard
  *	interrupt context.
@@ -209,7 +209,6 @@ struct kvmlu_table {
 	struct kref ref;
 	u32 nr_vcpus;
 	struct kvmlu_pi_desc *desc;
-	unsigned int desc_order;
 	spinlock_t lock; /* see above */
 	struct kvmlu_counters counters;
 	struct mutex bind_lock; /* see above */

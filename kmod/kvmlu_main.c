@@ -223,6 +223,9 @@ EXPORT_SYMBOL_NS_GPL(kvmlu_ucmd_respond, KVMLU_NS);
  * the command ran and cannot fail; should it all the same, @file is released
  * (its release undoes what it owns) and @fd returned unused.
  *
+ * Context: process context, as the dispatcher calls handlers; any lock may
+ * be held (the reply is pinned), but the release of @file on failure may
+ * sleep.
  * Return: 0 or -EFAULT.
  */
 int kvmlu_ucmd_reply_fd(struct kvmlu_ucmd *ucmd, size_t size, int fd,

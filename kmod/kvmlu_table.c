@@ -32,6 +32,7 @@
 
 #include <linux/anon_inodes.h>
 #include <linux/bitops.h>
+#include <linux/build_bug.h>
 #include <linux/eventfd.h>
 #include <linux/file.h>
 #include <linux/gfp.h>
@@ -39,9 +40,15 @@
 #include <linux/mutex.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
+#include <linux/vmalloc.h>
 
 #include "kvmlu_compat.h"
 #include "kvmlu_internal.h"
+
+/* The uAPI's layout of a descriptor: VT-d's. */
+static_assert(sizeof(struct kvmlu_pi_desc) == 64);
+static_assert(offsetof(struct kvmlu_pi_desc, pir) == 0);
+static_assert(offsetof(struct kvmlu_pi_desc, control) == 32);
 
 #define KVMLU_PI_ON		BIT_ULL(KVMLU_PI_ON_BIT)
 #define KVMLU_PI_SN		BIT_ULL(KVMLU_PI_SN_BIT)
@@ -266,7 +273,7 @@ static void kvmlu_table_free(struct kref *ref)
 	}
 	WARN_ON(!list_empty(&table->bindings));
 	mutex_destroy(&table->bind_lock);
-	free_pages((unsigned long)table->desc, table->desc_order);
+	vfree(table->desc);
 	kvfree(table);
 }
 
@@ -275,6 +282,16 @@ void kvmlu_table_get(struct kvmlu_table *table)
 	kref_get(&table->ref);
 }
 
+/**
+ * kvmlu_table_put() - drop a reference on a table
+ * @table: A table whose reference the caller holds (kvmlu_table_from_fd()).
+ *
+ * The last reference frees the table: it waits for notifications in flight
+ * and puts each vCPU's notification eventfd.
+ *
+ * Context: process context; may sleep when it drops the last reference.
+ * Return: nothing.
+ */
 void kvmlu_table_put(struct kvmlu_table *table)
 {
 	kref_put(&table->ref, kvmlu_table_free);
@@ -293,16 +310,20 @@ static size_t kvmlu_table_bytes(const struct kvmlu_table *table)
 }
 
 /*
- * Userspace observes the descriptors through a shared read-only mapping;
- * VM_MAYWRITE is dropped so mprotect() cannot make it writable later.
+ * Userspace observes the descriptors through a shared read-only mapping
+ * that cannot be executed; VM_MAYWRITE and VM_MAYEXEC are dropped so that
+ * mprotect() cannot make it writable or executable later. The pages are
+ * those of the vmalloc area, inserted one by one.
  */
 static int kvmlu_table_mmap(struct file *file, struct vm_area_struct *vma)
 {
 	struct kvmlu_table *table = file->private_data;
 	unsigned long len = vma->vm_end - vma->vm_start;
 	unsigned long pages = kvmlu_table_bytes(table) >> PAGE_SHIFT;
+	unsigned long i;
+	int ret;
 
-	if (vma->vm_flags & VM_WRITE)
+	if (vma->vm_flags & (VM_WRITE | VM_EXEC))
 		return -EACCES;
 	if (!(vma->vm_flags & VM_MAYSHARE))
 		return -EINVAL;
@@ -310,10 +331,18 @@ static int kvmlu_table_mmap(struct file *file, struct vm_area_struct *vma)
 	    len > (pages - vma->vm_pgoff) << PAGE_SHIFT)
 		return -EINVAL;
 
-	kvmlu_vma_flags(vma, VM_DONTEXPAND | VM_DONTDUMP, VM_MAYWRITE);
-	return remap_pfn_range(vma, vma->vm_start,
-			       page_to_pfn(virt_to_page(table->desc)) +
-			       vma->vm_pgoff, len, vma->vm_page_prot);
+	kvmlu_vma_flags(vma, VM_DONTEXPAND | VM_DONTDUMP,
+			VM_MAYWRITE | VM_MAYEXEC);
+	for (i = 0; i < len >> PAGE_SHIFT; i++) {
+		void *page = (void *)table->desc +
+			     ((vma->vm_pgoff + i) << PAGE_SHIFT);
+
+		ret = vm_insert_page(vma, vma->vm_start + (i << PAGE_SHIFT),
+				     vmalloc_to_page(page));
+		if (ret)
+			return ret;
+	}
+	return 0;
 }
 
 /*
@@ -542,6 +571,7 @@ bool kvmlu_is_table_file(struct file *file)
  * kvmlu_table_from_fd() - the table behind a file descriptor
  * @fd: A file descriptor of the calling process.
  *
+ * Context: process context (it looks @fd up in the current task's table).
  * Return: the table with a reference taken (drop it with kvmlu_table_put()),
  * ERR_PTR(-EBADF) if @fd is not open, ERR_PTR(-EINVAL) if it is not a table.
  */
@@ -563,6 +593,13 @@ struct kvmlu_table *kvmlu_table_from_fd(int fd)
 }
 EXPORT_SYMBOL_NS_GPL(kvmlu_table_from_fd, KVMLU_NS);
 
+/**
+ * kvmlu_table_nr_vcpus() - the number of descriptors of a table
+ * @table: The table.
+ *
+ * Context: any context.
+ * Return: the vCPU count, fixed when the table was created.
+ */
 u32 kvmlu_table_nr_vcpus(struct kvmlu_table *table)
 {
 	return table->nr_vcpus;
@@ -576,8 +613,8 @@ EXPORT_SYMBOL_NS_GPL(kvmlu_table_nr_vcpus, KVMLU_NS);
  * @pir: Where to put the four PIR words taken.
  *
  * Clears ON, then exchanges each PIR word with zero (see the file comment).
- * Any context.
  *
+ * Context: any context; takes no lock.
  * Return: 0, or -ERANGE (with @pir zeroed and no descriptor touched) for a
  * @vcpu at or beyond the table's vCPU count.
  */
@@ -614,7 +651,7 @@ int kvmlu_table_create(u32 nr_vcpus, struct file **filep)
 	u32 i;
 	int ret;
 
-	table = kvzalloc(struct_size(table, vcpus, nr_vcpus), GFP_KERNEL);
+	table = kvzalloc(struct_size(table, vcpus, nr_vcpus), GFP_KERNEL_ACCOUNT);
 	if (!table)
 		return -ENOMEM;
 	kref_init(&table->ref);
@@ -622,9 +659,12 @@ int kvmlu_table_create(u32 nr_vcpus, struct file **filep)
 	mutex_init(&table->bind_lock);
 	INIT_LIST_HEAD(&table->bindings);
 	table->nr_vcpus = nr_vcpus;
-	table->desc_order = get_order(nr_vcpus * sizeof(*table->desc));
-	table->desc = (void *)__get_free_pages(GFP_KERNEL | __GFP_ZERO,
-					       table->desc_order);
+	/*
+	 * Page-aligned and never moved, charged to the creator's memory cgroup,
+	 * from order-0 pages: only each descriptor must lie within one page.
+	 */
+	table->desc = __vmalloc(kvmlu_table_bytes(table),
+				GFP_KERNEL_ACCOUNT | __GFP_ZERO);
 	if (!table->desc) {
 		ret = -ENOMEM;
 		goto err_free_table;
@@ -647,7 +687,7 @@ int kvmlu_table_create(u32 nr_vcpus, struct file **filep)
 	return 0;
 
 err_free_desc:
-	free_pages((unsigned long)table->desc, table->desc_order);
+	vfree(table->desc);
 err_free_table:
 	kvfree(table);
 	return ret;

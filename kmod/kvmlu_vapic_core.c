@@ -46,10 +46,14 @@
 #define KVMLU_VAPIC_V1_RECORD	(2 * 4 * sizeof(u64))
 #define KVMLU_VAPIC_V2_RECORD	(3 * 4 * sizeof(u64) + KVMLU_NR_VECTORS * sizeof(u32))
 
-static bool allow_test_flags;
-module_param(allow_test_flags, bool, 0644);
-MODULE_PARM_DESC(allow_test_flags,
-		 "accept KVMLU_VAPIC_LOAD_CLEAR_PIR, which loses interrupts (tests only)");
+/*
+ * A test build may define KVMLU_VAPIC_LOAD_CLEARS_PIR() to make LOAD clear
+ * PIR as upstream KVM's LAPIC restore does, to show what that loses. The
+ * vAPIC modules never do.
+ */
+#ifndef KVMLU_VAPIC_LOAD_CLEARS_PIR
+#define KVMLU_VAPIC_LOAD_CLEARS_PIR()	false
+#endif
 
 /**
  * struct kvmlu_vapic_regs - one vCPU's virtual APIC interrupt state
@@ -307,10 +311,8 @@ static int kvmlu_vapic_load(struct kvmlu_ucmd *ucmd)
 	u32 i;
 	int ret;
 
-	if (ld->flags & ~KVMLU_VAPIC_LOAD_CLEAR_PIR || ld->reserved)
+	if (ld->flags || ld->reserved)
 		return -EINVAL;
-	if ((ld->flags & KVMLU_VAPIC_LOAD_CLEAR_PIR) && !allow_test_flags)
-		return -EPERM;
 	/*
 	 * Nothing valid is longer than a version 2 blob of the largest table.
 	 * Not this table's: a whole blob of a larger one must reach the checks
@@ -339,8 +341,8 @@ static int kvmlu_vapic_load(struct kvmlu_ucmd *ucmd)
 			memcpy(r->tmr, p + 64, sizeof(r->tmr));
 			memcpy(r->acked, p + 96, sizeof(r->acked));
 		}
-		/* Upstream KVM's behaviour, on the test-only path: PIR is lost. */
-		if (ld->flags & KVMLU_VAPIC_LOAD_CLEAR_PIR)
+		/* Upstream KVM's behaviour, in a test build only: PIR is lost. */
+		if (KVMLU_VAPIC_LOAD_CLEARS_PIR())
 			kvmlu_table_take_pir(va->table, i, pir);
 	}
 	mutex_unlock(&va->lock);

@@ -39,7 +39,6 @@ REQUEST_NAMES: dict[int, str] = {
         "KVMLU_VAPIC_DEV_CMD_BASE",
         "KVMLU_VAPIC_CMD_BASE",
         "KVMLU_VAPIC_MAGIC",
-        "KVMLU_VAPIC_LOAD_CLEAR_PIR",
     }
 }
 

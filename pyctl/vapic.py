@@ -116,14 +116,12 @@ class Vapic(_FdObject):
         buf = bytearray(self.blob_size(format))
         return bytes(buf[: self.save_into(buf, format)])
 
-    def load(self, blob: Any, *, clear_pir: bool = False) -> None:
+    def load(self, blob: Any) -> None:
         """Replace the state from ``blob`` (bytes or any buffer, a shared mapping
-        too). PIR is never touched, unless the test-only ``clear_pir`` asks for
-        upstream KVM's behaviour (module must allow it)."""
+        too). PIR is never touched."""
         buf = ffi.from_buffer(blob)
         arg = new_arg(
             "kvmlu_vapic_load",
-            flags=lib.KVMLU_VAPIC_LOAD_CLEAR_PIR if clear_pir else 0,
             buf=int(ffi.cast("uintptr_t", buf)),
             buf_len=len(buf),
         )

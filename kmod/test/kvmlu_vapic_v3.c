@@ -8,6 +8,9 @@
  * vCPU just past the table's last, and leaves in probe_result what came of
  * it: the error kvmlu_table_take_pir() returned, or 0 if it accepted the
  * index.
+ *
+ * With clear_pir_on_load set, LOAD also clears PIR, as upstream KVM's LAPIC
+ * restore does, so that a test can show the interrupt that loses.
  */
 /* As kvmlu_vapic_core.c defines it, which the header below must not precede. */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
@@ -19,6 +22,10 @@
 static bool probe_bounds;
 module_param(probe_bounds, bool, 0644);
 MODULE_PARM_DESC(probe_bounds, "on SYNC, also take the PIR of a vCPU beyond the table");
+
+static bool clear_pir_on_load;
+module_param(clear_pir_on_load, bool, 0644);
+MODULE_PARM_DESC(clear_pir_on_load, "LOAD clears PIR, losing interrupts (upstream KVM's way)");
 
 static int probe_result;
 module_param(probe_result, int, 0444);
@@ -49,6 +56,7 @@ static int kvmlu_test_take_pir(struct kvmlu_table *table, u32 vcpu, u64 pir[4])
 }
 
 #define kvmlu_table_take_pir kvmlu_test_take_pir
+#define KVMLU_VAPIC_LOAD_CLEARS_PIR() READ_ONCE(clear_pir_on_load)
 
 #define KVMLU_VAPIC_VERSION 3
 #include "../kvmlu_vapic_core.c"

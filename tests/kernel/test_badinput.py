@@ -150,7 +150,6 @@ CMDS = [
         "vapic",
         {"buf": BLOB_BUF, "buf_len": BLOB_LEN},
         ("reserved",),
-        known_flags=lib.KVMLU_VAPIC_LOAD_CLEAR_PIR,
     ),
 ]
 BY_NAME = {c.name: c for c in CMDS}
@@ -599,13 +598,6 @@ def test_vapic_save_buffer_too_small(env: Env) -> None:
     with pytest.raises(KvmluError):
         ioctl(env.vapic.fd, cmd.request, arg)
     assert int.from_bytes(arg[20:24], "little") == len(env.blob)
-
-
-def test_vapic_load_test_flag_refused(env: Env) -> None:
-    """The test-only CLEAR_PIR flag is EPERM unless the module allows it."""
-    cmd = BY_NAME["VAPIC_LOAD"]
-    arg = env.arg(cmd, flags=lib.KVMLU_VAPIC_LOAD_CLEAR_PIR)
-    env.refused(env.vapic.fd, cmd.request, arg, errno.EPERM)
 
 
 @pytest.mark.parametrize("kind", ["eventfd", "device", "binding"])

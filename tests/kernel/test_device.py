@@ -123,7 +123,7 @@ def test_unload_refused_while_a_table_exists(dev: Device) -> None:
 
 
 def test_mmap_read_only_view(dev: Device) -> None:
-    """A shared read-only mapping works, and mprotect() cannot make it writable."""
+    """A shared read-only mapping works; mprotect() makes it neither writable nor executable."""
     import ctypes
 
     with dev.create_table(8) as t:
@@ -134,9 +134,11 @@ def test_mmap_read_only_view(dev: Device) -> None:
             libc = ctypes.CDLL(None, use_errno=True)
             mprotect = libc.mprotect
             mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            rc = mprotect(_mmap_address(m), t.map_size, mmap.PROT_READ | mmap.PROT_WRITE)
-            assert rc == -1
-            assert ctypes.get_errno() == errno.EACCES
+            for prot in (mmap.PROT_WRITE, mmap.PROT_EXEC):
+                rc = mprotect(_mmap_address(m), t.map_size, mmap.PROT_READ | prot)
+                assert rc == -1
+                assert ctypes.get_errno() == errno.EACCES
+            assert t.pir(0) == {0x40}
         finally:
             m.close()
 
@@ -158,6 +160,38 @@ def test_mmap_writable_refused(dev: Device) -> None:
         with pytest.raises(PermissionError) as ei:
             mmap.mmap(t.fd, t.map_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         assert ei.value.errno == errno.EACCES
+
+
+def test_mmap_executable_refused(dev: Device) -> None:
+    """An executable shared mapping is refused with EACCES."""
+    with dev.create_table(8) as t:
+        with pytest.raises(PermissionError) as ei:
+            mmap.mmap(t.fd, t.map_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_EXEC)
+        assert ei.value.errno == errno.EACCES
+
+
+def test_mmap_every_page_of_the_largest_table(dev: Device) -> None:
+    """A whole mapping of a many-page table shows each page's own descriptors.
+
+    The descriptors live in pages that need not be contiguous; each page of
+    the mapping must be the right one.
+    """
+    nr = dev.query().max_vcpus
+    per_page = mmap.PAGESIZE // 64
+    with dev.create_table(nr) as t:
+        assert t.map_size == nr * 64 > mmap.PAGESIZE
+        # A different vCPU and vector on each page: vCPU k*per_page + k % per_page.
+        posts = {
+            page * per_page + page % per_page: 32 + page % 224
+            for page in range(t.map_size // mmap.PAGESIZE)
+        }
+        for vcpu, vector in posts.items():
+            t.post(vcpu, vector)
+        with mmap.mmap(t.fd, t.map_size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+            for vcpu in range(nr):
+                pir = int.from_bytes(m[vcpu * 64 : vcpu * 64 + 32], "little")
+                want = 1 << posts[vcpu] if vcpu in posts else 0
+                assert pir == want, f"vCPU {vcpu}: PIR {pir:#x}, want {want:#x}"
 
 
 def test_mmap_private_refused(dev: Device) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from kutil import module_path
 
+from pyctl.check import Fetch, Raise, check
 from pyctl.kvmlu import Device, Table
 from pyctl.swap import load_module, unload
 from pyctl.vapic import VapicDevice
@@ -192,3 +193,31 @@ def test_take_pir_refuses_vcpu_beyond_table(table: Table, v3: VapicDevice) -> No
     finally:
         (V3_PARAMS / "probe_bounds").write_text("0\n")
     assert int((V3_PARAMS / "probe_result").read_text()) == -errno.ERANGE
+
+
+def test_upstream_style_load_would_lose_interrupts(
+    table: Table, v2: VapicDevice, v3: VapicDevice
+) -> None:
+    """With PIR cleared on load (upstream KVM's LAPIC restore; the test build
+    v3 with clear_pir_on_load), a vector posted while the state travels is
+    lost, and the checker says so; kvmlu's load loses nothing."""
+    verdicts = {}
+    for clear in (False, True):
+        raises, fetches = [], []
+        with v2.create(table) as old:
+            table.post(6, 0x61)
+            raises.append(Raise(1, 6, 0x61))
+            old.sync(6)
+            blob = old.save()
+        table.post(6, 0x62)  # posted while the state travels
+        raises.append(Raise(2, 6, 0x62))
+        (V3_PARAMS / "clear_pir_on_load").write_text("Y" if clear else "N")
+        try:
+            with v3.create(table) as new:
+                new.load(blob)
+                fetches.append(Fetch(3, 6, frozenset(new.sync(6).irr)))
+        finally:
+            (V3_PARAMS / "clear_pir_on_load").write_text("N")
+        verdicts[clear] = check(raises, fetches)
+    assert verdicts[False].ok, verdicts[False].text()
+    assert verdicts[True].lost == 1 and verdicts[True].keys[(6, 0x62)].lost == 1

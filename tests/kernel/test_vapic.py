@@ -14,15 +14,12 @@ from pathlib import Path
 import pytest
 from kutil import module_path, wait_until
 
-from pyctl.check import Fetch, Raise, check
 from pyctl.edu import Edu, find_vfio_edu
 from pyctl.errors import KvmluError
 from pyctl.kvmlu import Device, Table
 from pyctl.swap import load_module, swap, unload
 from pyctl.uapi import lib
 from pyctl.vapic import BLOB_HEADER, Vapic, VapicDevice, blob_header, rewrite_blob
-
-V2_PARAM = Path("/sys/module/kvmlu_vapic_v2/parameters/allow_test_flags")
 
 
 @pytest.fixture
@@ -279,41 +276,6 @@ def test_vcpu_out_of_range(table: Table, v1: VapicDevice) -> None:
     with v1.create(table) as va:
         for op in (va.sync, va.ack, va.eoi, va.get):
             assert _err(op, 8) == errno.ERANGE
-
-
-def test_clear_pir_flag_is_test_only(table: Table, v2: VapicDevice) -> None:
-    with v2.create(table) as va:
-        blob = va.save()
-        V2_PARAM.write_text("N")
-        assert _err(va.load, blob, clear_pir=True) == errno.EPERM
-
-
-def test_upstream_style_load_would_lose_interrupts(
-    table: Table, v1: VapicDevice, v2: VapicDevice
-) -> None:
-    """With PIR cleared on load (upstream KVM's LAPIC restore), a vector posted during
-    the swap is lost, and the checker says so; kvmlu's load loses nothing."""
-    verdicts = {}
-    for clear in (False, True):
-        raises, fetches = [], []
-        with v1.create(table) as old:
-            table.post(6, 0x61)
-            raises.append(Raise(1, 6, 0x61))
-            old.sync(6)
-            blob = old.save()
-        table.post(6, 0x62)  # posted while the state travels
-        raises.append(Raise(2, 6, 0x62))
-        V2_PARAM.write_text("Y" if clear else "N")
-        try:
-            with v2.create(table) as new:
-                new.load(blob, clear_pir=clear)
-                irr = new.sync(6).irr
-                fetches.append(Fetch(3, 6, frozenset(irr)))
-        finally:
-            V2_PARAM.write_text("N")
-        verdicts[clear] = check(raises, fetches)
-    assert verdicts[False].ok, verdicts[False].text()
-    assert verdicts[True].lost == 1 and verdicts[True].keys[(6, 0x62)].lost == 1
 
 
 def _rmmod(name: str) -> subprocess.CompletedProcess[str]:

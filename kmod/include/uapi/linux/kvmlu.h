@@ -78,12 +78,12 @@
  *    preserves as many files as the max_objects_per_session parameter
  *    allows.
  *  - EBADMSG, EPROTONOSUPPORT: see "vAPIC modules" below.
- *  - EPERM: a test-only flag while the module does not allow them.
  *  - ENOMEM, EMFILE, ENFILE: the kernel could not allocate the object or a
  *    file descriptor for it.
  *
- * mmap() of a table returns EACCES for a writable mapping, EINVAL for a
- * private mapping or one that extends beyond the table.
+ * mmap() of a table returns EACCES for a writable or executable mapping,
+ * EINVAL for a private mapping or one that extends beyond the table; a
+ * mapping cannot be made writable or executable later (EACCES).
  */
 
 /* Not used by any other subsystem; see ioctl-number.rst. */
@@ -164,15 +164,6 @@ struct kvmlu_pi_desc {
 #define KVMLU_PI_NV_MASK	0xffULL
 #define KVMLU_PI_NDST_SHIFT	32
 #define KVMLU_PI_NDST_MASK	0xffffffffULL
-
-#ifndef __cplusplus
-_Static_assert(sizeof(struct kvmlu_pi_desc) == 64,
-	       "a posted-interrupt descriptor is 64 bytes");
-_Static_assert(__builtin_offsetof(struct kvmlu_pi_desc, pir) == 0,
-	       "PIR at offset 0");
-_Static_assert(__builtin_offsetof(struct kvmlu_pi_desc, control) == 32,
-	       "control word at offset 32");
-#endif
 
 /**
  * struct kvmlu_stats - what the posting engine did
@@ -663,7 +654,7 @@ struct kvmlu_vapic_save {
 /**
  * struct kvmlu_vapic_load - KVMLU_VAPIC_LOAD: replace the state from a blob
  * @size: Input. sizeof(struct kvmlu_vapic_load).
- * @flags: Input. KVMLU_VAPIC_LOAD_CLEAR_PIR or zero.
+ * @flags: Input. Must be zero.
  * @buf: Input. User address of the blob.
  * @buf_len: Input. Bytes at @buf.
  * @reserved: Must be zero.
@@ -675,13 +666,6 @@ struct kvmlu_vapic_load {
 	__u32 buf_len;
 	__u32 reserved;
 };
-
-/*
- * Test-only: also clear PIR, as upstream KVM's LAPIC restore does, to show
- * what that loses. Refused with EPERM unless the module parameter
- * allow_test_flags is set.
- */
-#define KVMLU_VAPIC_LOAD_CLEAR_PIR	(1U << 0)
 
 #define KVMLU_VAPIC_LOAD _IO(KVMLU_IOCTL_TYPE, KVMLU_CMD_VAPIC_LOAD)
 
