@@ -247,6 +247,7 @@ bench: deps venv $(STAMPS)/bench
 	$(KVMLU) vm --kernel $(KVER) --edu 3 --scratch-disk 512 --timeout 43200 \
 		--results $(CURDIR)/results/bench $(VM_ARGS) -- /bin/sh -ec \
 		'$(CURDIR)/$(KVMLU) bench irq $(BENCH_ARGS); \
+		 $(CURDIR)/$(KVMLU) bench sessions --json $(CURDIR)/results/bench/sessions.json; \
 		 $(CURDIR)/$(KVMLU) bench upgrade --json $(CURDIR)/results/bench/upgrade.json \
 			$(BENCH_UPGRADE_ARGS)'
 	$(KVMLU) bench report results/bench/upgrade.json \

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from pyctl import bench_irq, bench_upgrade, check, demo, livevmm, upgrade, vm
+from pyctl import bench_irq, bench_sessions, bench_upgrade, check, demo, livevmm, upgrade, vm
 from pyctl import swap as swap_mod
 from pyctl.argtypes import int_range
 from pyctl.edu import Edu, find_vfio_edu
@@ -228,6 +228,12 @@ def _add_bench(sub: Any) -> None:
         description=(qbench_cpr.__doc__ or "").split("\n\n")[1].replace("\n", " "),
     )
     qbench_cpr.add_arguments(b)
+    b = bsub.add_parser(
+        "sessions",
+        help="CREATE_SESSION's time as sessions of many owners pile up",
+        description=(bench_sessions.__doc__ or "").split("\n\n")[1].replace("\n", " "),
+    )
+    bench_sessions.add_arguments(b)
     b = bsub.add_parser(
         "report",
         help="the upgrade benchmark's JSON as a Markdown table and a PNG plot (host)",

@@ -24,7 +24,18 @@ from typing import Any, ClassVar, TypeVar
 
 import pytest
 
-from pyctl import bench_irq, bench_upgrade, check, cli, demo, livevmm, upgrade, vm, vmm
+from pyctl import (
+    bench_irq,
+    bench_sessions,
+    bench_upgrade,
+    check,
+    cli,
+    demo,
+    livevmm,
+    upgrade,
+    vm,
+    vmm,
+)
 from pyctl import swap as swap_mod
 from pyctl.errors import KvmluError, RunError, SetupError, UsageError
 from pyctl.kvmlu import SessionEntry
@@ -354,6 +365,30 @@ def test_bench_irq_options_reach_the_benchmark(monkeypatch: pytest.MonkeyPatch) 
     argv = ["bench", "irq", "--device", "0000:00:05.0", "--samples", "10", "--seconds", "0.5"]
     assert cli.main([*argv, "--json", "/r/irq.json"]) == 0
     assert seen == [("0000:00:05.0", 10, 0.5, "/r/irq.json")]
+
+
+@covers("bench sessions", "owners", "per_owner", "json")
+def test_bench_sessions_options_reach_the_benchmark(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    seen: list[tuple[int, int]] = []
+
+    def fake_run(owners: int, per_owner: int) -> dict[str, Any]:
+        seen.append((owners, per_owner))
+        return {
+            "owners": owners,
+            "per_owner": per_owner,
+            "batch_s": [0.5, 1.0],
+            "ratio_to_first": [1.0, 2.0],
+            "left": 0,
+        }
+
+    monkeypatch.setattr(bench_sessions, "run", fake_run)
+    out = tmp_path / "sessions.json"
+    argv = ["bench", "sessions", "--owners", "2", "--per-owner", "7", "--json", str(out)]
+    assert cli.main(argv) == 0
+    assert seen == [(2, 7)]
+    assert json.loads(out.read_text())["ratio_to_first"] == [1.0, 2.0]
 
 
 def test_bench_irq_without_an_edu_device_is_an_environment_error(
