@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
 from pyctl.argtypes import int_range
+from pyctl.forked import drop_to_uid, in_child
 from pyctl.kvmlu import Device
 
 FIRST_UID = 20000
@@ -26,30 +26,7 @@ FIRST_UID = 20000
 
 def _as_uid(uid: int, fn: Callable[[], float]) -> float:
     """Run ``fn`` in a child that has dropped to ``uid``; return what it returned."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through the pipe
-        code = 1
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-            out: Any = fn()
-            code = 0
-        except BaseException as e:  # everything goes to the parent
-            out = {"error": repr(e)}
-        try:
-            os.write(w, json.dumps(out).encode())
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        got = json.loads(f.read() or b"null")
-    _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0 or not isinstance(got, float):
-        raise RuntimeError(f"uid {uid}: {got}")
-    return got
+    return float(in_child(lambda: drop_to_uid(uid), fn))
 
 
 def run(owners: int, per_owner: int) -> dict[str, Any]:

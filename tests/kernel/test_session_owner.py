@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from pyctl.forked import ChildError, drop_to_uid, in_child
 from pyctl.kvmlu import Device, Session
 
 CLONE_NEWUSER = 0x10000000
@@ -55,9 +55,7 @@ def _cap_eff() -> int:
 def _become(who: Who) -> None:
     """Take on ``who`` in this (child) process, and check it took."""
     if who.uid:
-        os.setgroups([])
-        os.setresgid(who.uid, who.uid, who.uid)
-        os.setresuid(who.uid, who.uid, who.uid)
+        drop_to_uid(who.uid)
         assert _cap_eff() == 0, "a uid change from root drops every capability"
     if who.userns:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -73,28 +71,10 @@ def _become(who: Who) -> None:
 
 def as_child(who: Who, fn: Callable[[], Result]) -> Result:
     """Run ``fn`` in a forked child that has become ``who``; return what it returned."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through the pipe
-        code = 1
-        try:
-            os.close(r)
-            _become(who)
-            report = fn()
-            code = 0
-        except BaseException as e:  # everything goes to the parent
-            report = {"child_error": f"{who}: {e!r}"}
-        try:
-            os.write(w, json.dumps(report).encode())
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    _, status = os.waitpid(pid, 0)
-    out: Result = json.loads(data)
-    assert "child_error" not in out, out["child_error"]
-    assert os.waitstatus_to_exitcode(status) == 0
+    try:
+        out: Result = in_child(lambda: _become(who), fn)
+    except ChildError as e:
+        pytest.fail(f"{who}: {e}")
     return out
 
 
