@@ -145,20 +145,19 @@ int kvmlu_ucmd_reply_fd(struct kvmlu_ucmd *ucmd, size_t size, int fd,
 /**
  * struct kvmlu_vcpu - the kernel's side of one descriptor
  * @notify: The eventfd signalled when ON goes from 0 to 1, or NULL.
- *	Protected by &kvmlu_table.lock.
+ *	Replaced under &kvmlu_table.lock; read under RCU (a post takes no
+ *	lock to signal it). A replaced eventfd is put after a grace period.
  * @notify_work: Signals @notify from a context where signalling an eventfd
  *	directly could nest one eventfd's wait-queue lock inside another's
  *	(the wakeup callback of an IRQ binding).
  * @deferred: Notifications queued for @notify_work and not yet sent, so that
  *	the target sees one signal per ON transition even when the work runs
  *	once for several. Atomic; no lock.
- * @table: The table this vCPU belongs to, for @notify_work.
  */
 struct kvmlu_vcpu {
-	struct eventfd_ctx *notify;
+	struct eventfd_ctx __rcu *notify;
 	struct irq_work notify_work;
 	atomic_t deferred;
-	struct kvmlu_table *table;
 };
 
 /**
@@ -193,9 +192,8 @@ void kvmlu_counters_read(struct kvmlu_counters *c, struct kvmlu_stats *out);
  *	control words change only through atomic operations (see
  *	kvmlu_post()); NV and NDST are written with a compare-and-exchange of
  *	the control word under @lock.
- * @lock: Protects each &kvmlu_vcpu.notify and serialises writers of NV and
- *	NDST. Taken with interrupts disabled: @notify_work takes it in hard
- *	interrupt context.
+ * @lock: Serialises the writers of each &kvmlu_vcpu.notify and of NV and
+ *	NDST (SET_NOTIFY). Taken in process context only; posts do not take it.
  * @counters: Posting counters over all bindings and POST calls.
  * @bind_lock: Protects @bindings and writes of @nr_bindings, which readers
  *	(QUERY, INFO) take with READ_ONCE() and no lock. A mutex: bind and unbind

@@ -336,6 +336,8 @@ static int __init kvmlu_init(void)
 static void __exit kvmlu_exit(void)
 {
 	misc_deregister(&kvmlu_miscdev);
+	/* Replaced notification targets still waiting for their put. */
+	rcu_barrier();
 }
 
 module_init(kvmlu_init);

@@ -27,6 +27,12 @@
  * lets only one of them take ON from 0 to 1. A fetch clears ON before it
  * takes the PIR words, so a vector posted during a fetch is either taken or
  * finds ON clear and signals.
+ *
+ * A post takes no lock: it finds the vCPU's notification eventfd under RCU.
+ * SET_NOTIFY replaces it under the table's spinlock and puts the old one
+ * after a grace period, so a post that found the old one just before may
+ * still signal it; a post that comes after SET_NOTIFY has returned signals
+ * the new one.
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
@@ -140,19 +146,34 @@ static u64 kvmlu_raise_on(struct kvmlu_pi_desc *desc)
 }
 
 /*
- * Signal @v's notification target @n times, if it has one. Takes
- * &kvmlu_table.lock, so the target cannot be replaced and released meanwhile.
- * Must not be called from the wakeup callback of another eventfd.
+ * Signal @v's notification target @n times, if it has one. Under RCU: a
+ * target replaced meanwhile is put only after this returns. Must not be
+ * called from the wakeup callback of another eventfd.
  */
-static void kvmlu_signal(struct kvmlu_table *table, struct kvmlu_vcpu *v,
-			 unsigned int n)
+static void kvmlu_signal(struct kvmlu_vcpu *v, unsigned int n)
 {
-	unsigned long flags;
+	struct eventfd_ctx *ctx;
 
-	spin_lock_irqsave(&table->lock, flags);
-	if (v->notify)
-		kvmlu_eventfd_signal(v->notify, n);
-	spin_unlock_irqrestore(&table->lock, flags);
+	rcu_read_lock();
+	ctx = rcu_dereference(v->notify);
+	if (ctx)
+		kvmlu_eventfd_signal(ctx, n);
+	rcu_read_unlock();
+}
+
+/* A replaced notification target, to be put after a grace period. */
+struct kvmlu_notify_gone {
+	struct rcu_head rcu;
+	struct eventfd_ctx *ctx;
+};
+
+static void kvmlu_notify_gone_put(struct rcu_head *rcu)
+{
+	struct kvmlu_notify_gone *gone =
+		container_of(rcu, struct kvmlu_notify_gone, rcu);
+
+	eventfd_ctx_put(gone->ctx);
+	kfree(gone);
 }
 
 static void kvmlu_notify_work(struct irq_work *work)
@@ -162,7 +183,7 @@ static void kvmlu_notify_work(struct irq_work *work)
 	unsigned int n = atomic_xchg(&v->deferred, 0);
 
 	if (n)
-		kvmlu_signal(v->table, v, n);
+		kvmlu_signal(v, n);
 }
 
 /*
@@ -179,7 +200,7 @@ static void kvmlu_notify(struct kvmlu_table *table, u32 vcpu, bool defer)
 		irq_work_queue(&v->notify_work);
 		return;
 	}
-	kvmlu_signal(table, v, 1);
+	kvmlu_signal(v, 1);
 }
 
 /**
@@ -266,10 +287,13 @@ static void kvmlu_table_free(struct kref *ref)
 
 	for (i = 0; i < table->nr_vcpus; i++) {
 		struct kvmlu_vcpu *v = &table->vcpus[i];
+		struct eventfd_ctx *ctx;
 
 		irq_work_sync(&v->notify_work);
-		if (v->notify)
-			eventfd_ctx_put(v->notify);
+		/* No reference is left, so no post: no reader either. */
+		ctx = rcu_dereference_protected(v->notify, true);
+		if (ctx)
+			eventfd_ctx_put(ctx);
 	}
 	WARN_ON(!list_empty(&table->bindings));
 	mutex_destroy(&table->bind_lock);
@@ -355,15 +379,21 @@ static int kvmlu_table_mmap(struct file *file, struct vm_area_struct *vma)
 static void kvmlu_attach(struct kvmlu_table *table, u32 vcpu)
 {
 	struct kvmlu_pi_desc *desc = &table->desc[vcpu];
-	struct kvmlu_vcpu *v = &table->vcpus[vcpu];
+	struct eventfd_ctx *ctx;
 
-	lockdep_assert_held(&table->lock);
-	/* SN and ON are decided in one step, as a post does. */
+	ctx = rcu_dereference_protected(table->vcpus[vcpu].notify,
+					lockdep_is_held(&table->lock));
+	/*
+	 * SN and ON are decided in one step, as a post does. The caller stored
+	 * the new target before this fully ordered step, and a post loads the
+	 * target after its own: either this sees the post's ON, or the post
+	 * sees the new target.
+	 */
 	if (!kvmlu_pir_empty(desc) &&
 	    !(kvmlu_raise_on(desc) & (KVMLU_PI_SN | KVMLU_PI_ON)))
 		atomic64_inc(&table->counters.notified);
-	if ((READ_ONCE(desc->control) & KVMLU_PI_ON) && v->notify)
-		kvmlu_eventfd_signal(v->notify, 1);
+	if ((READ_ONCE(desc->control) & KVMLU_PI_ON) && ctx)
+		kvmlu_eventfd_signal(ctx, 1);
 }
 
 static int kvmlu_table_set_notify(struct kvmlu_ucmd *ucmd)
@@ -371,8 +401,8 @@ static int kvmlu_table_set_notify(struct kvmlu_ucmd *ucmd)
 	struct kvmlu_table_set_notify *sn = ucmd->cmd;
 	struct kvmlu_table *table = ucmd->obj;
 	struct eventfd_ctx *ctx = NULL, *old;
+	struct kvmlu_notify_gone *gone;
 	struct kvmlu_pi_desc *desc;
-	unsigned long flags;
 	u64 ctl, cfg;
 
 	if (sn->flags & ~KVMLU_SET_NOTIFY_FLAGS)
@@ -381,19 +411,25 @@ static int kvmlu_table_set_notify(struct kvmlu_ucmd *ucmd)
 		return -ERANGE;
 	if (sn->nv < KVMLU_VECTOR_MIN || sn->nv > KVMLU_VECTOR_MAX)
 		return -ERANGE;
+	/* For the target this replaces, if any; allocated before anything. */
+	gone = kmalloc(sizeof(*gone), GFP_KERNEL_ACCOUNT);
+	if (!gone)
+		return -ENOMEM;
 	if (sn->eventfd != -1) {
 		ctx = eventfd_ctx_fdget(sn->eventfd);
-		if (IS_ERR(ctx))
+		if (IS_ERR(ctx)) {
+			kfree(gone);
 			return PTR_ERR(ctx);
+		}
 	}
 
 	desc = &table->desc[sn->vcpu];
 	cfg = ((u64)sn->nv << KVMLU_PI_NV_SHIFT) |
 	      ((u64)sn->ndst << KVMLU_PI_NDST_SHIFT);
 
-	spin_lock_irqsave(&table->lock, flags);
-	old = table->vcpus[sn->vcpu].notify;
-	table->vcpus[sn->vcpu].notify = ctx;
+	spin_lock(&table->lock);
+	old = rcu_replace_pointer(table->vcpus[sn->vcpu].notify, ctx,
+				  lockdep_is_held(&table->lock));
 	/* ON and SN change under our feet; keep whatever they are. */
 	ctl = READ_ONCE(desc->control);
 	while (!try_cmpxchg64(&desc->control, &ctl,
@@ -401,10 +437,15 @@ static int kvmlu_table_set_notify(struct kvmlu_ucmd *ucmd)
 		;
 	if (sn->flags & KVMLU_SET_NOTIFY_ATTACH)
 		kvmlu_attach(table, sn->vcpu);
-	spin_unlock_irqrestore(&table->lock, flags);
+	spin_unlock(&table->lock);
 
-	if (old)
-		eventfd_ctx_put(old);
+	/* A post may still be signalling it: put it after a grace period. */
+	if (old) {
+		gone->ctx = old;
+		call_rcu(&gone->rcu, kvmlu_notify_gone_put);
+	} else {
+		kfree(gone);
+	}
 	return 0;
 }
 
@@ -669,10 +710,8 @@ int kvmlu_table_create(u32 nr_vcpus, struct file **filep)
 		ret = -ENOMEM;
 		goto err_free_table;
 	}
-	for (i = 0; i < nr_vcpus; i++) {
-		table->vcpus[i].table = table;
+	for (i = 0; i < nr_vcpus; i++)
 		init_irq_work(&table->vcpus[i].notify_work, kvmlu_notify_work);
-	}
 
 	file = anon_inode_getfile("[kvmlu-table]", &kvmlu_table_fops, table,
 				  O_RDWR);

@@ -102,3 +102,77 @@ def test_concurrent_post_and_fetch(dev: Device) -> None:
         assert eventfd_count(efds[v]) == n_notified, f"vCPU {v}: signals != ON rises"
     for fd in efds:
         os.close(fd)
+
+
+TARGETS = 4  # eventfds a switcher cycles the notification target through
+MIN_SWITCHES = 200
+
+
+def test_target_replaced_while_posting(dev: Device) -> None:
+    """SET_NOTIFY replaces a vCPU's target while posters and a fetcher race.
+
+    Posts find the target without a lock; every ON rise must still signal
+    exactly one of the targets once: the signals counted over all of them
+    equal the NOTIFIED results, however the replacements fell.
+    """
+    efds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(TARGETS)]
+    notified = [0] * POSTERS
+    switches = 0
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    with dev.create_table(1) as t:
+        t.set_notify(0, efds[0], nv=0xF0, ndst=0)
+
+        def poster(i: int) -> None:
+            rng = random.Random(i)
+            try:
+                while not stop.is_set():
+                    if t.post(0, rng.randrange(32, 256)) & PostResult.NOTIFIED:
+                        notified[i] += 1
+            except BaseException as e:  # surfaced below
+                errors.append(e)
+
+        def fetcher() -> None:
+            try:
+                while not stop.is_set():
+                    t.fetch(0)
+            except BaseException as e:
+                errors.append(e)
+
+        def switcher() -> None:
+            nonlocal switches
+            try:
+                while not stop.is_set():
+                    switches += 1
+                    t.set_notify(0, efds[switches % TARGETS], nv=0xF0, ndst=0)
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=poster, args=(i,)) for i in range(POSTERS)]
+        threads += [threading.Thread(target=fetcher), threading.Thread(target=switcher)]
+        for th in threads:
+            th.start()
+        start = time.monotonic()
+        while (
+            time.monotonic() - start < SECONDS
+            or sum(notified) <= MIN_RISES
+            or switches <= MIN_SWITCHES
+        ):
+            if errors or time.monotonic() - start > HANG_SECONDS:
+                break
+            threads[0].join(timeout=0.05)
+        stop.set()
+        for th in threads:
+            th.join()
+        assert not errors, errors
+        assert sum(notified) > MIN_RISES and switches > MIN_SWITCHES, (
+            f"no progress: {sum(notified)} ON rises, {switches} switches in {HANG_SECONDS:g} s"
+        )
+        # A POST signals before it returns (even a target replaced meanwhile,
+        # which is put only after a grace period), and the posters are joined.
+        t.set_notify(0, None, nv=0xF0, ndst=0)
+    signals = sum(eventfd_count(fd) for fd in efds)
+    for fd in efds:
+        os.close(fd)
+    assert signals == sum(notified), f"{signals} signals for {sum(notified)} ON rises"
