@@ -20,6 +20,9 @@ from pyctl.errors import BusyError, InvalidArgumentError
 from pyctl.kvmlu import Device, Table
 
 TIMEOUT = 10.0
+# A new Python process in the test VM took over 10 s to reach its first
+# system call with two busy loops on the host: a hang guard only.
+PROCESS_TIMEOUT = 120.0
 
 
 @pytest.fixture
@@ -251,7 +254,7 @@ class Poller:
 
     def sleeps(self) -> int:
         """Its voluntary context switches, once it is asleep in the poll."""
-        wait_until(self._asleep_in_poll, TIMEOUT, "the poller asleep in its poll")
+        wait_until(self._asleep_in_poll, PROCESS_TIMEOUT, "the poller asleep in its poll")
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("voluntary_ctxt_switches:"):
                 return int(line.split()[1])
@@ -260,7 +263,7 @@ class Poller:
     def stop(self) -> list[int]:
         """End the poll through the pipe; the fds it found ready."""
         os.write(self.stop_w, b"x")
-        out, _ = self.proc.communicate(timeout=TIMEOUT)
+        out, _ = self.proc.communicate(timeout=PROCESS_TIMEOUT)
         assert self.proc.returncode == 0
         return [int(fd) for fd in out.split()]
 
