@@ -7,6 +7,7 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
 from kutil import eventfd_count
 
@@ -17,6 +18,30 @@ NR_VCPUS = 2
 SECONDS = 2.0  # at least this long,
 MIN_RISES = 1000  # and until this many PIR rises happened;
 HANG_SECONDS = 600.0  # a guard only (a debug kernel posts about 175 a second)
+
+
+def race(
+    threads: list[threading.Thread],
+    stop: threading.Event,
+    errors: list[BaseException],
+    enough: Callable[[], bool],
+) -> None:
+    """Run ``threads`` for SECONDS and until ``enough()``; then stop and join them.
+
+    HANG_SECONDS only stops a race that makes no progress; the caller checks
+    ``enough()`` again. What a thread raises is in ``errors``.
+    """
+    for th in threads:
+        th.start()
+    start = time.monotonic()
+    while time.monotonic() - start < SECONDS or not enough():
+        if errors or time.monotonic() - start > HANG_SECONDS:
+            break
+        threads[0].join(timeout=0.05)
+    stop.set()
+    for th in threads:
+        th.join()
+    assert not errors, errors
 
 
 def test_concurrent_post_and_fetch(dev: Device) -> None:
@@ -64,23 +89,12 @@ def test_concurrent_post_and_fetch(dev: Device) -> None:
             except BaseException as e:
                 errors.append(e)
 
-        threads = [threading.Thread(target=poster, args=(i,)) for i in range(POSTERS)]
-        threads.append(threading.Thread(target=fetcher))
-        for th in threads:
-            th.start()
-        start = time.monotonic()
-
         def n_rises() -> int:
             return sum(sum(c.values()) for c in rises)
 
-        while time.monotonic() - start < SECONDS or n_rises() <= MIN_RISES:
-            if errors or time.monotonic() - start > HANG_SECONDS:
-                break
-            threads[0].join(timeout=0.05)
-        stop.set()
-        for th in threads:
-            th.join()
-        assert not errors, errors
+        threads = [threading.Thread(target=poster, args=(i,)) for i in range(POSTERS)]
+        threads.append(threading.Thread(target=fetcher))
+        race(threads, stop, errors, lambda: n_rises() > MIN_RISES)
         assert n_rises() > MIN_RISES, f"no progress: {n_rises()} rises in {HANG_SECONDS:g} s"
 
         for v in range(NR_VCPUS):
@@ -151,21 +165,7 @@ def test_target_replaced_while_posting(dev: Device) -> None:
 
         threads = [threading.Thread(target=poster, args=(i,)) for i in range(POSTERS)]
         threads += [threading.Thread(target=fetcher), threading.Thread(target=switcher)]
-        for th in threads:
-            th.start()
-        start = time.monotonic()
-        while (
-            time.monotonic() - start < SECONDS
-            or sum(notified) <= MIN_RISES
-            or switches <= MIN_SWITCHES
-        ):
-            if errors or time.monotonic() - start > HANG_SECONDS:
-                break
-            threads[0].join(timeout=0.05)
-        stop.set()
-        for th in threads:
-            th.join()
-        assert not errors, errors
+        race(threads, stop, errors, lambda: sum(notified) > MIN_RISES and switches > MIN_SWITCHES)
         assert sum(notified) > MIN_RISES and switches > MIN_SWITCHES, (
             f"no progress: {sum(notified)} ON rises, {switches} switches in {HANG_SECONDS:g} s"
         )
