@@ -8,7 +8,6 @@ another uid (see test_session_owner.py).
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import select
 import socket
@@ -20,6 +19,7 @@ import pytest
 from kutil import module_param
 from test_session_owner import USER, Result, as_child, errno_of
 
+from pyctl.guest import hold_kvm_vm
 from pyctl.kvmlu import Device, Session
 from pyctl.vfio import VfioPciDevice
 
@@ -72,11 +72,9 @@ def test_vfio_files_are_preservable(
 
 
 def _kvm_vm() -> int:
-    kvm = os.open(DEV_KVM, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        return fcntl.ioctl(kvm, 0xAE01, 0)  # KVM_CREATE_VM
-    finally:
-        os.close(kvm)
+    fd, problem = hold_kvm_vm()
+    assert fd is not None, problem
+    return fd
 
 
 UNLISTED = ["devnode", "pidfd", "procfile", "9p-file", "kvm-vm", "socket", "epoll"]
