@@ -139,12 +139,18 @@ def find_kernel(
     *version* is a release (``6.1.0-56-amd64``), a path to a kernel build tree,
     or None for the release *prefer* if it is installed with its build
     directory, else the newest ``/boot/vmlinuz-*`` that has ``/lib/modules/V/build``.
+    A release named explicitly may also keep its image in its modules
+    folder (``/lib/modules/V/vmlinuz``, as Debian 13's packages do, and as
+    ``tools/newest-kernel.sh`` leaves the newest Debian kernel); only the
+    ``/boot`` images are candidates when no release is named.
     """
     if version is not None and os.sep in version:
         return _kernel_tree(Path(version))
     if version is not None:
         image = boot_dir / f"vmlinuz-{version}"
         build = modules_dir / version / "build"
+        if not image.is_file() and (modules_dir / version / "vmlinuz").is_file():
+            image = modules_dir / version / "vmlinuz"
         if not image.is_file():
             known = ", ".join(sorted(p.name for p in boot_dir.glob("vmlinuz-*"))) or "none"
             raise VmError(f"no kernel image {image} (installed: {known})")
@@ -240,6 +246,19 @@ GUEST_HIDDEN = tuple(
 def hidden_in_guest(path: Path) -> bool:
     """True if the guest cannot see *path* without a --rodir."""
     return any(path == h or h in path.parents for h in GUEST_HIDDEN)
+
+
+def kernel_rodirs(kernel: KernelInfo, modules_dir: Path = Path("/lib/modules")) -> list[str]:
+    """The folder to share for *kernel*'s modules, if the guest hides it.
+
+    ``tools/newest-kernel.sh`` makes ``/lib/modules/<release>`` a link into
+    its cache under /var/cache, which the guest covers with a tmpfs: without
+    the share, the guest could not load that kernel's 9p, KVM or VFIO modules.
+    """
+    if kernel.tree:
+        return []
+    target = (modules_dir / kernel.version).resolve()
+    return [str(target)] if hidden_in_guest(target) else []
 
 
 SCRATCH_SERIAL = "kvmlu-scratch"
@@ -405,23 +424,40 @@ def evaluate(status: dict[str, Any], vng_status: int) -> int:
     return 0
 
 
-def run(opts: VmOptions) -> int:
-    """Boot the VM, stream its output, return COMMAND's exit status (see module doc)."""
+#: The guest runner's first line (pyctl.guest): once it is in guest.log,
+#: kvmlu's own code runs in the guest.
+RUNNER_STARTED = b"kvmlu-guest: started "
+#: Boots again when the kernel panicked before the runner started.
+EARLY_PANIC_RETRIES = 1
+
+
+def panicked_before_runner(console: Path, guest_log: Path) -> bool:
+    """True if the kernel panicked before the guest runner said a word.
+
+    Such a boot ran none of kvmlu's code: the modules were not loaded and
+    no test had started. Under TCG it happens now and then while the
+    kernel live-patches its own code at boot (an ``Oops: int3`` at a
+    static-branch site, seen with Debian's 7.3 on QEMU 7.2's TCG).
+    """
+    try:
+        said = RUNNER_STARTED in guest_log.read_bytes()
+        text = console.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return not said and "Kernel panic" in text
+
+
+def _boot(opts: VmOptions, argv: list[str], env: dict[str, str]) -> tuple[int, bool]:
+    """One boot: stream its output into the results folder; (vng's status,
+    timed out). Raises KeyboardInterrupt after stopping QEMU."""
     results = opts.results_dir
-    results.mkdir(parents=True, exist_ok=True)
     for name in ("status.json", "status.json.tmp", "kmsg.log", "console.log", "guest.log"):
         (results / name).unlink(missing_ok=True)
-    opts.scratch_file.unlink(missing_ok=True)
-    if opts.scratch_mb:
-        with open(opts.scratch_file, "wb") as f:
-            f.truncate(opts.scratch_mb << 20)
-    console = results / "console.log"
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(opts.vng.parent), env.get("PATH", "")])
-    argv = build_command(opts)
-    started = time.monotonic()
     timed_out = False
-    with open(results / "guest.log", "wb") as guest_log, open(console, "wb") as console_log:
+    with (
+        open(results / "guest.log", "wb") as guest_log,
+        open(results / "console.log", "wb") as console_log,
+    ):
         proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -452,10 +488,45 @@ def run(opts: VmOptions) -> int:
             _stop_vm(proc)
             for t in pumps:
                 t.join()
-            return EXIT_INTERRUPTED
+            raise
         for t in pumps:
             t.join()
-    status = _read_status(opts.status_file)
+    return vng_status, timed_out
+
+
+def run(opts: VmOptions) -> int:
+    """Boot the VM, stream its output, return COMMAND's exit status (see module doc).
+
+    A boot whose kernel panicked before the guest runner started (nothing
+    of kvmlu's ran) is booted again, at most :data:`EARLY_PANIC_RETRIES`
+    times; its console is kept as ``console-panic-N.log``.
+    """
+    results = opts.results_dir
+    results.mkdir(parents=True, exist_ok=True)
+    opts.scratch_file.unlink(missing_ok=True)
+    if opts.scratch_mb:
+        with open(opts.scratch_file, "wb") as f:
+            f.truncate(opts.scratch_mb << 20)
+    console = results / "console.log"
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(opts.vng.parent), env.get("PATH", "")])
+    argv = build_command(opts)
+    started = time.monotonic()
+    for attempt in range(EARLY_PANIC_RETRIES + 1):
+        try:
+            vng_status, timed_out = _boot(opts, argv, env)
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+        status = _read_status(opts.status_file)
+        if status is not None or timed_out or attempt == EARLY_PANIC_RETRIES:
+            break
+        if not panicked_before_runner(console, results / "guest.log"):
+            break
+        kept = results / f"console-panic-{attempt + 1}.log"
+        console.replace(kept)
+        for finding in klog.scan(kept.read_text(encoding="utf-8", errors="replace").splitlines()):
+            _note(f"console: {finding}")
+        _note(f"the kernel panicked before the guest runner started ({kept}): booting again")
     if status is None:
         if timed_out:
             _note(f"the VM timed out after {opts.timeout:g} s; no status from the guest")
@@ -653,7 +724,7 @@ def options_from_args(args: argparse.Namespace) -> VmOptions:
         results_dir=args.results.resolve(),
         timeout=args.timeout,
         kernel_append=list(args.kernel_append),
-        rodirs=list(args.rodirs),
+        rodirs=[*args.rodirs, *kernel_rodirs(kernel)],
         env=list(args.vm_env),
         console=args.console,
         scratch_mb=args.scratch_mb,

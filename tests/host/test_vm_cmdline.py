@@ -183,6 +183,17 @@ def test_find_kernel_prefers_the_modules_kernel(tmp_path: Path) -> None:
     assert pick().version == "6.12.1-amd64"
 
 
+def test_find_kernel_takes_an_image_in_the_modules_folder(tmp_path: Path) -> None:
+    # Debian 13's layout (and tools/newest-kernel.sh's): no /boot image, the
+    # image beside the modules. Found when named, never picked by default.
+    boot, mods = make_boot(tmp_path, ["6.1.0-56-amd64"], ["6.1.0-56-amd64", "7.3.4+deb13-amd64"])
+    (mods / "7.3.4+deb13-amd64" / "vmlinuz").write_bytes(b"image")
+    k = vm.find_kernel("7.3.4+deb13-amd64", boot_dir=boot, modules_dir=mods)
+    assert k.vmlinuz == mods / "7.3.4+deb13-amd64" / "vmlinuz"
+    assert k.build_dir == mods / "7.3.4+deb13-amd64" / "build"
+    assert vm.find_kernel(None, boot_dir=boot, modules_dir=mods).version == "6.1.0-56-amd64"
+
+
 def test_find_kernel_errors(tmp_path: Path) -> None:
     boot, mods = make_boot(tmp_path, ["6.12.0-1-amd64"], [])
     with pytest.raises(vm.VmError, match="linux-headers-amd64"):
@@ -463,3 +474,70 @@ def test_kmemleak_reports_are_counted(tmp_path: Path, monkeypatch: pytest.Monkey
     assert out.to_json()["kmemleak_reports"] == 2
     # The report's lines are kernel log findings like any other.
     assert klog.scan(report)
+
+
+def _fake_boots(
+    monkeypatch: pytest.MonkeyPatch, opts: vm.VmOptions, boots: list[tuple[str, str, bool]]
+) -> list[int]:
+    """Replace the VM by *boots*: per boot, (console text, guest.log text,
+    whether the guest writes a passing status). Returns the boots made."""
+    made: list[int] = []
+
+    def boot(o: vm.VmOptions, argv: list[str], env: dict[str, str]) -> tuple[int, bool]:
+        console, said, passes = boots[len(made)]
+        made.append(1)
+        for name in ("status.json", "console.log", "guest.log"):
+            (o.results_dir / name).unlink(missing_ok=True)
+        (o.results_dir / "console.log").write_text(console)
+        (o.results_dir / "guest.log").write_text(said)
+        if passes:
+            o.status_file.write_text(json.dumps({"command_status": 0}))
+        return 0, False
+
+    monkeypatch.setattr(vm, "_boot", boot)
+    return made
+
+
+PANIC = "[    1.8] Oops: int3: 0000 [#1] SMP NOPTI\n[    1.9] Kernel panic - not syncing\n"
+STARTED = "kvmlu-guest: started 15.3 s after boot\n"
+
+
+def test_a_panic_before_the_runner_boots_once_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Verifies: a kernel that panicked before the guest runner started is
+    # booted again, once, and its console is kept; the second boot counts.
+    opts = options(tmp_path)
+    made = _fake_boots(monkeypatch, opts, [(PANIC, "", False), ("", STARTED, True)])
+    assert vm.run(opts) == 0
+    assert len(made) == 2
+    assert "Kernel panic" in (opts.results_dir / "console-panic-1.log").read_text()
+
+
+def test_a_panic_after_the_runner_started_is_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Verifies: once kvmlu's runner ran, a panic is the run's result, not a
+    # reason to boot again; nor is a second early panic.
+    opts = options(tmp_path)
+    made = _fake_boots(monkeypatch, opts, [(PANIC, STARTED, False), ("", STARTED, True)])
+    assert vm.run(opts) == vm.EXIT_NO_STATUS
+    assert len(made) == 1
+    opts = options(tmp_path, results_dir=tmp_path / "twice")
+    made = _fake_boots(monkeypatch, opts, [(PANIC, "", False)] * 3)
+    assert vm.run(opts) == vm.EXIT_NO_STATUS
+    assert len(made) == vm.EARLY_PANIC_RETRIES + 1
+
+
+def test_modules_in_a_folder_the_guest_hides_are_shared(tmp_path: Path) -> None:
+    # Verifies: a release whose /lib/modules entry links into /var/cache
+    # (tools/newest-kernel.sh) gets that folder as a read-only share; an
+    # ordinary one does not.
+    mods = tmp_path / "modules"
+    mods.mkdir()
+    (mods / "7.3.4+deb13-amd64").symlink_to("/var/cache/kvmlu/kernels/7.3/usr/lib/modules/7.3")
+    (mods / "6.1.0-99-amd64").mkdir()
+    k73 = vm.KernelInfo("7.3.4+deb13-amd64", tmp_path / "vmlinuz", tmp_path / "build")
+    k61 = vm.KernelInfo("6.1.0-99-amd64", tmp_path / "vmlinuz", tmp_path / "build")
+    assert vm.kernel_rodirs(k73, mods) == ["/var/cache/kvmlu/kernels/7.3/usr/lib/modules/7.3"]
+    assert vm.kernel_rodirs(k61, mods) == []
