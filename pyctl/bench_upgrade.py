@@ -41,10 +41,12 @@ from pyctl.errors import InputError, RunError, SetupError, load_json_object
 from pyctl.livevmm import STRATEGIES, Optimisations, max_vcpus
 from pyctl.upgrade import (
     LAND_TIMEOUT,
+    P99_MIN_SAMPLES,
     Downtime,
     RunResult,
     Zygote,
     close_edus,
+    downtime_text,
     exec_startup,
     open_edus,
     run,
@@ -353,7 +355,7 @@ def bench(args: argparse.Namespace) -> int:
             d = entry["downtime_ms"]
             print(
                 f"[{i + 1}/{len(todo)} {time.monotonic() - started:.0f}s] {v} vCPUs {w} {s} {o}: "
-                f"p50 {d['p50']:.2f} ms p99 {d['p99']:.2f} ms, lost {entry['lost']} "
+                f"{downtime_text(d, len(entry['downtimes_ms']))}, lost {entry['lost']} "
                 f"spurious {entry['spurious']} dup {entry['duplicated']}",
                 flush=True,
             )
@@ -390,16 +392,18 @@ def table(doc: dict[str, Any]) -> str:
     """A Markdown table of every run."""
     rat = ratios(doc)
     lines = [
-        "| vCPUs | workload | strategy | optimisations | p50 ms | p99 ms | max ms "
+        "| vCPUs | workload | strategy | optimisations | n | p50 ms | p99 ms | max ms "
         "| suspend | save | load | startup | vs none | lost | spurious | dup |",
-        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in doc["runs"]:
         d, ph = r["downtime_ms"], r["phases_p50_ms"]
         ratio = rat.get((*_key(r), r["optimisations"]))
+        n = len(r["downtimes_ms"])
+        p99 = f"{d['p99']:.2f}" if n >= P99_MIN_SAMPLES else "-"
         lines.append(
             f"| {r['vcpus']} | {r['workload']} | {r['strategy']} | {r['optimisations']} "
-            f"| {d['p50']:.2f} | {d['p99']:.2f} | {d['max']:.2f} "
+            f"| {n} | {d['p50']:.2f} | {p99} | {d['max']:.2f} "
             f"| {ph['suspend']:.2f} | {ph['save']:.2f} | {ph['load']:.2f} | {ph['startup']:.2f} "
             f"| {'' if ratio is None else f'{ratio:.1f}x'} "
             f"| {r['lost']} | {r['spurious']} | {r['duplicated']} |"

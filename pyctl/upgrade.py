@@ -454,7 +454,7 @@ def _print_upgrade(n: int, i: int, dt: Downtime) -> None:
 P99_MIN_SAMPLES = 100
 
 
-def _downtime_text(d: dict[str, float], n: int) -> str:
+def downtime_text(d: dict[str, float], n: int) -> str:
     """p50 and max over n samples, and p99 only where n makes it one."""
     p99 = f", p99 {d['p99']:.2f} ms" if n >= P99_MIN_SAMPLES else ""
     return f"p50 {d['p50']:.2f} ms{p99}, max {d['max']:.2f} ms (n={n})"
@@ -829,7 +829,7 @@ def main(args: argparse.Namespace) -> int:
         f"{s['upgrades']} upgrades ({s['rolled_back']} rolled back)"
     )
     if d:
-        print(f"vCPU downtime: {_downtime_text(d, s['upgrades'] - s['rolled_back'])}")
+        print(f"vCPU downtime: {downtime_text(d, s['upgrades'] - s['rolled_back'])}")
         print(
             "  phases (p50): " + ", ".join(f"{k} {v:.2f} ms" for k, v in s["phases_p50_ms"].items())
         )

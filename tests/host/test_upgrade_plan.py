@@ -26,7 +26,15 @@ from pyctl.bench_upgrade import (
 from pyctl.check import Raise, check
 from pyctl.errors import InputError
 from pyctl.livevmm import Optimisations
-from pyctl.upgrade import Downtime, Raiser, RunResult, _downtime, targets_for, windows_of
+from pyctl.upgrade import (
+    P99_MIN_SAMPLES,
+    Downtime,
+    Raiser,
+    RunResult,
+    _downtime,
+    targets_for,
+    windows_of,
+)
 
 
 def test_optimisation_specs() -> None:
@@ -120,7 +128,10 @@ def test_ratios_are_against_the_unoptimised_run_of_the_same_configuration(tmp_pa
     assert r[(88, "idle", "naive", "all")] == pytest.approx(5)
     assert (8, "idle", "shared", "all") not in r  # no baseline measured
     text = table(doc)
-    assert "| 88 | idle | shared | all | 10.00 | 20.00 | 30.00 |" in text
+    # One sample a row: no p99, only n and the max.
+    assert "| 88 | idle | shared | all | 1 | 10.00 | - | 30.00 |" in text
+    many = {**doc["runs"][0], "downtimes_ms": [10.0] * P99_MIN_SAMPLES}
+    assert "| 100 | 10.00 | 20.00 | 30.00 |" in table({**doc, "runs": [many]})
     assert "80.0x" in text and "| 5 | 0 | 0 |" in text
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps({**doc, "runs": doc["runs"][:2], "exec_startup_s": [1.5]}))
@@ -379,8 +390,8 @@ def test_upgrade_prints_a_line_per_upgrade_and_no_p99_of_few(
     upgrade._print_upgrade(7, 2, Downtime(1.0, 1.002, 1.004, 1.008, 1.0125))
     assert capsys.readouterr().out == "  upgrade 3/7: vCPU downtime 12.50 ms\n"
     d = {"p50": 1.0, "p99": 2.0, "max": 3.0, "min": 0.5}
-    assert upgrade._downtime_text(d, 50) == "p50 1.00 ms, max 3.00 ms (n=50)"
-    assert "p99 2.00 ms" in upgrade._downtime_text(d, 100)
+    assert upgrade.downtime_text(d, 50) == "p50 1.00 ms, max 3.00 ms (n=50)"
+    assert "p99 2.00 ms" in upgrade.downtime_text(d, 100)
 
 
 def test_bench_results_that_are_not_are_input_errors(tmp_path: Path) -> None:
