@@ -83,7 +83,10 @@
  *
  * mmap() of a table returns EACCES for a writable or executable mapping,
  * EINVAL for a private mapping or one that extends beyond the table; a
- * mapping cannot be made writable or executable later (EACCES).
+ * mapping cannot be made writable or executable later (EACCES). A kernel
+ * that refuses executable mappings of every anonymous-inode file itself
+ * returns EPERM for an executable one before kvmlu is asked (Linux 7.3
+ * does; 6.1 and 6.12 do not).
  */
 
 /* Not used by any other subsystem; see ioctl-number.rst. */
@@ -400,11 +403,13 @@ struct kvmlu_table_post {
  *  - Userspace must not poll, select, epoll or read a bound eventfd: a
  *    poller is not woken for signals the binding consumed, and a read
  *    finds the counter empty (EAGAIN, or it blocks).
- *  - A KVM irqfd attached to the eventfd AFTER the binding is not refused
- *    by KVM (Linux 6.1 checks only its own irqfds of the same VM for the
- *    eventfd): it is queued behind the binding, since priority waiters
- *    are woken in the order they were queued, and never sees a signal;
- *    the binding keeps posting every one. The irqfd injects nothing from
+ *  - A KVM irqfd attached to the eventfd AFTER the binding is refused by
+ *    KVM with EBUSY where KVM, like BIND, refuses an eventfd that has a
+ *    priority waiter (Linux 7.3). Linux 6.1 and 6.12 accept it (they check
+ *    only their own irqfds of the same VM for the eventfd): it is queued
+ *    behind the binding, since priority waiters are woken in the order
+ *    they were queued, and never sees a signal; the binding keeps posting
+ *    every one. The irqfd injects nothing from
  *    the eventfd's count; when the eventfd is closed both see EPOLLHUP and
  *    let go. With a posted-interrupt IOMMU, such an irqfd may also take
  *    the device's MSI away from the eventfd altogether (KVM's IRQ bypass
