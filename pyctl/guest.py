@@ -55,6 +55,9 @@ from pyctl import klog
 
 _DESCRIPTION = "Guest side of the kvmlu VM harness."
 
+#: The runner's first line (after say()'s prefix): kvmlu vm looks for it to
+#: tell a boot that ran nothing of kvmlu's.
+STARTED = "started"
 MARKER_START = "kvmlu-guest: suite start"
 MARKER_END = "kvmlu-guest: suite end"
 
@@ -558,7 +561,7 @@ def run(args: argparse.Namespace) -> Outcome:
     """Do one guest run as described in the module docstring."""
     status_file: Path = args.status_file
     out = Outcome(command=list(args.command), modules=[str(m) for m in args.module])
-    say(f"started {uptime():.1f} s after boot")
+    say(f"{STARTED} {uptime():.1f} s after boot")
     reader = KmsgReader()
     kmsg_write(MARKER_START)
     leak = _start_kmemleak(args.require_kmemleak, out)

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from pyctl import klog
+from pyctl import guest, klog
 from pyctl.errors import KvmluError, UsageError
 
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -424,9 +424,9 @@ def evaluate(status: dict[str, Any], vng_status: int) -> int:
     return 0
 
 
-#: The guest runner's first line (pyctl.guest): once it is in guest.log,
-#: kvmlu's own code runs in the guest.
-RUNNER_STARTED = b"kvmlu-guest: started "
+#: The guest runner's first line: once it is in guest.log, kvmlu's own
+#: code runs in the guest.
+RUNNER_STARTED = f"kvmlu-guest: {guest.STARTED} ".encode()
 #: Boots again when the kernel panicked before the runner started.
 EARLY_PANIC_RETRIES = 1
 
