@@ -80,6 +80,13 @@ EXIT_NO_STATUS = 125
 EXIT_INTERRUPTED = 130
 
 Accel = Literal["tcg", "kvm"]
+TcgThreads = Literal["single", "multi"]
+# Under TCG the vCPUs take turns on one host thread unless told otherwise:
+# with a thread per vCPU (MTTCG), QEMU 7.2 let a vCPU run code another vCPU
+# had just live-patched (static branches: int3, then the new jump) as it was
+# before the patch, which Debian's kernels met with "Oops: int3" and, once
+# in CI, with both vCPUs stuck in a soft lockup for the rest of the run.
+DEFAULT_TCG_THREADS: TcgThreads = "single"
 
 
 class VmError(KvmluError):
@@ -193,6 +200,7 @@ class VmOptions:
     kernel: KernelInfo
     command: list[str] = field(default_factory=list)
     accel: Accel = "tcg"
+    tcg_threads: TcgThreads = DEFAULT_TCG_THREADS
     edu: int = DEFAULT_EDU
     memory_mb: int = DEFAULT_MEMORY_MB
     cpus: int = DEFAULT_CPUS
@@ -272,6 +280,9 @@ def qemu_options(opts: VmOptions) -> list[str]:
     guest finds it by /sys/block/*/serial), for workloads that write.
     """
     out = ["-cpu", opts.cpu_model, "-device", "intel-iommu,intremap=on"]
+    if opts.accel == "tcg":
+        # vng names no accelerator when KVM is off, so this is the only one.
+        out += ["-accel", f"tcg,thread={opts.tcg_threads}"]
     out += ["-device", "edu"] * opts.edu
     if opts.scratch_mb:
         out += [
@@ -323,7 +334,41 @@ def build_command(opts: VmOptions) -> list[str]:
     return argv
 
 
-def _pump(src: IO[bytes], sinks: Sequence[IO[bytes]]) -> None:
+#: A soft lockup report of a CPU stuck this long means the guest kernel will
+#: not recover (a loaded host starves a TCG vCPU for tens of seconds, not
+#: minutes): kvmlu vm stops QEMU instead of waiting for --timeout.
+LOCKUP_FATAL_S = 300
+_SOFT_LOCKUP = re.compile(rb"soft lockup - CPU#\d+ stuck for (\d+)s!")
+
+
+class LockupWatch:
+    """A console sink that notices a guest CPU stuck for good.
+
+    It takes the console's bytes as they arrive (any chunking) and sets
+    :attr:`line` to the first soft lockup report whose CPU has been stuck
+    for at least *fatal_s* seconds.
+    """
+
+    def __init__(self, fatal_s: float = LOCKUP_FATAL_S) -> None:
+        self.fatal_s = fatal_s
+        self.line: str | None = None
+        self._partial = b""
+
+    def write(self, chunk: bytes) -> int:
+        """Take console output; return its length (a file's write())."""
+        lines = (self._partial + chunk).split(b"\n")
+        self._partial = lines.pop()[-4096:]
+        for raw in lines:
+            match = _SOFT_LOCKUP.search(raw)
+            if self.line is None and match and int(match.group(1)) >= self.fatal_s:
+                self.line = raw.decode(errors="replace").strip()
+        return len(chunk)
+
+    def flush(self) -> None:
+        """Nothing is buffered but a partial line."""
+
+
+def _pump(src: IO[bytes], sinks: Sequence[Any]) -> None:
     """Copy *src* to every sink as data arrives."""
     fd = src.fileno()
     while chunk := os.read(fd, 65536):
@@ -431,8 +476,8 @@ RUNNER_STARTED = f"kvmlu-guest: {guest.STARTED} ".encode()
 EARLY_PANIC_RETRIES = 1
 
 
-def panicked_before_runner(console: Path, guest_log: Path) -> bool:
-    """True if the kernel panicked before the guest runner said a word.
+def died_before_runner(console: Path, guest_log: Path, end: BootEnd) -> bool:
+    """True if the kernel panicked or locked up before the guest runner said a word.
 
     Such a boot ran none of kvmlu's code: the modules were not loaded and
     no test had started. Under TCG it happens now and then while the
@@ -444,16 +489,25 @@ def panicked_before_runner(console: Path, guest_log: Path) -> bool:
         text = console.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return False
-    return not said and "Kernel panic" in text
+    return not said and (end == "lockup" or "Kernel panic" in text)
 
 
-def _boot(opts: VmOptions, argv: list[str], env: dict[str, str]) -> tuple[int, bool]:
+#: How a boot ended: vng exited, --timeout passed, or the guest locked up.
+BootEnd = Literal["exit", "timeout", "lockup"]
+
+
+def _boot(
+    opts: VmOptions, argv: list[str], env: dict[str, str], watch: LockupWatch | None = None
+) -> tuple[int, BootEnd]:
     """One boot: stream its output into the results folder; (vng's status,
-    timed out). Raises KeyboardInterrupt after stopping QEMU."""
+    how it ended). QEMU is stopped after --timeout, or as soon as the console
+    shows a CPU stuck for good (*watch*). Raises KeyboardInterrupt after
+    stopping QEMU."""
     results = opts.results_dir
     for name in ("status.json", "status.json.tmp", "kmsg.log", "console.log", "guest.log"):
         (results / name).unlink(missing_ok=True)
-    timed_out = False
+    end: BootEnd = "exit"
+    watch = watch or LockupWatch()
     with (
         open(results / "guest.log", "wb") as guest_log,
         open(results / "console.log", "wb") as console_log,
@@ -467,7 +521,7 @@ def _boot(opts: VmOptions, argv: list[str], env: dict[str, str]) -> tuple[int, b
             start_new_session=True,
         )
         assert proc.stdout is not None and proc.stderr is not None
-        err_sinks: list[IO[bytes]] = [console_log]
+        err_sinks: list[Any] = [console_log, watch]
         if opts.console:
             err_sinks.append(sys.stderr.buffer)
         pumps = [
@@ -476,13 +530,25 @@ def _boot(opts: VmOptions, argv: list[str], env: dict[str, str]) -> tuple[int, b
         ]
         for t in pumps:
             t.start()
+        deadline = time.monotonic() + opts.timeout
         try:
-            vng_status = proc.wait(opts.timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _note(f"timed out after {opts.timeout:g} s: stopping QEMU")
-            _stop_vm(proc)
-            vng_status = proc.returncode
+            while True:
+                try:
+                    vng_status = proc.wait(max(0.0, min(1.0, deadline - time.monotonic())))
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if watch.line is not None:
+                    end = "lockup"
+                    _note(f"the guest locked up ({watch.line}): stopping QEMU")
+                elif time.monotonic() >= deadline:
+                    end = "timeout"
+                    _note(f"timed out after {opts.timeout:g} s: stopping QEMU")
+                else:
+                    continue
+                _stop_vm(proc)
+                vng_status = proc.returncode
+                break
         except KeyboardInterrupt:
             _note("interrupted: stopping QEMU")
             _stop_vm(proc)
@@ -491,15 +557,16 @@ def _boot(opts: VmOptions, argv: list[str], env: dict[str, str]) -> tuple[int, b
             raise
         for t in pumps:
             t.join()
-    return vng_status, timed_out
+    return vng_status, end
 
 
 def run(opts: VmOptions) -> int:
     """Boot the VM, stream its output, return COMMAND's exit status (see module doc).
 
-    A boot whose kernel panicked before the guest runner started (nothing
-    of kvmlu's ran) is booted again, at most :data:`EARLY_PANIC_RETRIES`
-    times; its console is kept as ``console-panic-N.log``.
+    A boot whose kernel panicked or locked up before the guest runner
+    started (nothing of kvmlu's ran) is booted again, at most
+    :data:`EARLY_PANIC_RETRIES` times; its console is kept as
+    ``console-panic-N.log``.
     """
     results = opts.results_dir
     results.mkdir(parents=True, exist_ok=True)
@@ -514,22 +581,25 @@ def run(opts: VmOptions) -> int:
     started = time.monotonic()
     for attempt in range(EARLY_PANIC_RETRIES + 1):
         try:
-            vng_status, timed_out = _boot(opts, argv, env)
+            vng_status, end = _boot(opts, argv, env)
         except KeyboardInterrupt:
             return EXIT_INTERRUPTED
         status = _read_status(opts.status_file)
-        if status is not None or timed_out or attempt == EARLY_PANIC_RETRIES:
+        if status is not None or end == "timeout" or attempt == EARLY_PANIC_RETRIES:
             break
-        if not panicked_before_runner(console, results / "guest.log"):
+        if not died_before_runner(console, results / "guest.log", end):
             break
         kept = results / f"console-panic-{attempt + 1}.log"
         console.replace(kept)
         for finding in klog.scan(kept.read_text(encoding="utf-8", errors="replace").splitlines()):
             _note(f"console: {finding}")
-        _note(f"the kernel panicked before the guest runner started ({kept}): booting again")
+        what = "locked up" if end == "lockup" else "panicked"
+        _note(f"the kernel {what} before the guest runner started ({kept}): booting again")
     if status is None:
-        if timed_out:
+        if end == "timeout":
             _note(f"the VM timed out after {opts.timeout:g} s; no status from the guest")
+        elif end == "lockup":
+            _note(f"a guest CPU was stuck for {LOCKUP_FATAL_S} s or more; no status from the guest")
         else:
             _note(
                 f"the guest wrote no {opts.status_file} (kernel panic, crash or boot "
@@ -537,7 +607,7 @@ def run(opts: VmOptions) -> int:
             )
         _explain_missing_status(opts, console)
         _note(f"kernel console: {console}")
-        return EXIT_TIMEOUT if timed_out else EXIT_NO_STATUS
+        return EXIT_TIMEOUT if end == "timeout" else EXIT_NO_STATUS
     rc = evaluate(status, vng_status)
     _note(
         f"{'PASS' if rc == 0 else 'FAIL'} (exit status {rc}) after "
@@ -575,6 +645,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["tcg", "kvm"],
         default="tcg",
         help="QEMU accelerator (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--tcg-threads",
+        choices=["single", "multi"],
+        default=DEFAULT_TCG_THREADS,
+        help="under TCG, all vCPUs on one host thread or one thread each "
+        "(default: %(default)s; see pyctl.vm.DEFAULT_TCG_THREADS)",
     )
     parser.add_argument(
         "--edu",
@@ -716,6 +793,7 @@ def options_from_args(args: argparse.Namespace) -> VmOptions:
         kernel=kernel,
         command=command,
         accel=args.accel,
+        tcg_threads=args.tcg_threads,
         edu=args.edu,
         memory_mb=args.memory,
         cpus=args.cpus,
