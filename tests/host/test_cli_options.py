@@ -357,14 +357,14 @@ def test_bind_refuses_a_vcpu_outside_its_table(
 # bench irq, bench upgrade, bench report
 
 
-@covers("bench irq", "device", "samples", "seconds", "json")
+@covers("bench irq", "device", "samples", "seconds", "json", "rate")
 def test_bench_irq_options_reach_the_benchmark(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[tuple[object, ...]] = []
     monkeypatch.setattr(cli, "find_vfio_edu", lambda: ["0000:00:04.0", "0000:00:05.0"])
     monkeypatch.setattr(bench_irq, "main", lambda *a: seen.append(a) or {})
     argv = ["bench", "irq", "--device", "0000:00:05.0", "--samples", "10", "--seconds", "0.5"]
-    assert cli.main([*argv, "--json", "/r/irq.json"]) == 0
-    assert seen == [("0000:00:05.0", 10, 0.5, "/r/irq.json")]
+    assert cli.main([*argv, "--json", "/r/irq.json", "--rate", "250"]) == 0
+    assert seen == [("0000:00:05.0", 10, 0.5, "/r/irq.json", 250.0)]
 
 
 @covers("bench sessions", "owners", "per_owner", "json")
@@ -601,6 +601,7 @@ def test_the_largest_handoff_fits_one_message() -> None:
     "vm",
     "kernel",
     "accel",
+    "tcg_threads",
     "edu",
     "memory",
     "cpus",
@@ -634,9 +635,10 @@ def test_vm_options_reach_the_vm(
     argv = ["vm", "--kernel", "6.1.0-99-amd64", "--accel", "kvm", "--edu", "4", "--memory", "512"]
     argv += ["--cpus", "3", "--cpu", "host", "--module", str(ko), "--results", str(tmp_path)]
     argv += ["--timeout", "60", "--append", "quiet", "--rodir", "/var/cache", "--env", "A=1"]
-    argv += ["--require-kmemleak", "--console", "--scratch-disk", "64", "--", "true", "-x"]
-    assert cli.main(argv) == 0
+    argv += ["--require-kmemleak", "--console", "--scratch-disk", "64", "--tcg-threads", "multi"]
+    assert cli.main([*argv, "--", "true", "-x"]) == 0
     [opts] = ran
+    assert opts.tcg_threads == "multi"
     assert asked == ["6.1.0-99-amd64"] and opts.kernel == kernel
     assert (opts.accel, opts.edu, opts.memory_mb, opts.cpus, opts.cpu_model) == (
         "kvm",
