@@ -1,8 +1,9 @@
-"""argparse types shared by the ``kvmlu`` subcommands: bounded integers."""
+"""argparse types shared by the ``kvmlu`` subcommands: bounded numbers."""
 
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
 
@@ -20,3 +21,14 @@ def int_range(lo: int, hi: int | None = None) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number greater than zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number above 0")
+    return value

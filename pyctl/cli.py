@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 from pyctl import bench_irq, bench_sessions, bench_upgrade, check, demo, livevmm, upgrade, vm
 from pyctl import swap as swap_mod
-from pyctl.argtypes import int_range
+from pyctl.argtypes import int_range, positive_float
 from pyctl.edu import Edu, find_vfio_edu
 from pyctl.errors import SetupError, UsageError
 from pyctl.kvmlu import DEVICE_PATH, Device
@@ -156,7 +156,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = args.json
     if out is None and os.environ.get("KVMLU_RESULTS"):
         out = os.path.join(os.environ["KVMLU_RESULTS"], "bench-irq.json")
-    bench_irq.main(_edu_bdf(args.device), args.samples, args.seconds, out)
+    bench_irq.main(_edu_bdf(args.device), args.samples, args.seconds, out, args.rate)
     return 0
 
 
@@ -204,7 +204,14 @@ def _add_bench(sub: Any) -> None:
     )
     b.add_argument("--device", metavar="BDF", help="edu PCI function (default: the first)")
     b.add_argument("--samples", type=int_range(1), default=2000, help="latency samples per path")
-    b.add_argument("--seconds", type=float, default=4.0, help="throughput time per path")
+    b.add_argument("--seconds", type=positive_float, default=4.0, help="throughput time per path")
+    b.add_argument(
+        "--rate",
+        type=positive_float,
+        default=bench_irq.DEFAULT_RATE,
+        metavar="N",
+        help="raises a second of the paced stream both paths get (default: %(default)g)",
+    )
     b.add_argument("--json", metavar="PATH", help="write the results here")
     b.set_defaults(func=cmd_bench)
     b = bsub.add_parser(
