@@ -32,6 +32,7 @@ from typing import Any
 
 from pyctl.edu import Edu
 from pyctl.kvmlu import Device, Table
+from pyctl.metrics import drain_eventfd, percentile
 
 VECTOR = 0x51
 MODES = ("kernel", "userspace")
@@ -45,13 +46,6 @@ def _wait(fd: int, stop: threading.Event) -> bool:
         if p.poll(100):
             return True
     return False
-
-
-def _drain(fd: int) -> int:
-    try:
-        return os.eventfd_read(fd)
-    except BlockingIOError:
-        return 0
 
 
 @dataclass
@@ -84,14 +78,14 @@ class Stream:
 
     def _forwarder(self, msi: int) -> None:
         while _wait(msi, self.stop):
-            n = _drain(msi)
+            n = drain_eventfd(msi)
             if n:
                 self.consumed += n
                 self.table.post(0, VECTOR)
 
     def _vcpu(self) -> None:
         while _wait(self.notify, self.stop):
-            _drain(self.notify)
+            drain_eventfd(self.notify)
             if VECTOR in self.table.fetch(0):
                 self.stamps.append(time.perf_counter_ns())
                 self.delivered += 1
@@ -106,7 +100,7 @@ class Stream:
             self.binding.close()
         self.table.set_notify(0, None, nv=0xF2, ndst=0)
         self.table.fetch(0)
-        _drain(self.notify)
+        drain_eventfd(self.notify)
 
 
 def _latency_round(dev: Device, edu: Edu, mode: str, samples: int) -> list[float]:
@@ -192,12 +186,6 @@ def _throughput_round(
     }
 
 
-def _percentile(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    k = min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))
-    return xs[k]
-
-
 #: The per-round figures of a throughput phase that get a spread.
 ROUND_KEYS = (
     "raised_per_s",
@@ -271,12 +259,12 @@ def run(
                 paced[m].append(_throughput_round(dev, edu, m, seconds / rounds, rate))
     modes: dict[str, Any] = {}
     for m in MODES:
-        xs = lat[m]
+        xs = sorted(lat[m])
         modes[m] = {
             "latency_us": {
                 "samples": len(xs),
-                "p50": _percentile(xs, 50),
-                "p99": _percentile(xs, 99),
+                "p50": percentile(xs, 0.5),
+                "p99": percentile(xs, 0.99),
                 "max": max(xs),
                 "mean": statistics.fmean(xs),
             },

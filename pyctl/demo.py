@@ -14,18 +14,12 @@ import time
 
 from pyctl.edu import Edu, find_vfio_edu
 from pyctl.kvmlu import Device, PostResult, Table
+from pyctl.metrics import drain_eventfd
 from pyctl.status import print_status
 
 NR_VCPUS = 8
 NOTIFY_VECTOR = 0xF2
 MSI_VCPU, MSI_VECTOR = 6, 0x66
-
-
-def _drain(fd: int) -> int:
-    try:
-        return os.eventfd_read(fd)
-    except BlockingIOError:
-        return 0
 
 
 def print_table(table: Table, signals: list[int]) -> None:
@@ -80,7 +74,7 @@ def run(dev: Device) -> int:
             msi = raise_msi(table)
             if msi:
                 expected[MSI_VCPU].add(MSI_VECTOR)
-            signals = [_drain(fd) for fd in efds]
+            signals = [drain_eventfd(fd) for fd in efds]
             print(f"8-vCPU table, fd {table.fd}, mapped read-only ({table.map_size} bytes)")
             print("posts:", ", ".join(f"{str(f.name).lower()} {n}" for f, n in counts.items()))
             print_table(table, signals)

@@ -62,6 +62,7 @@ from typing import Any
 from pyctl import handoff
 from pyctl.errors import RunError
 from pyctl.kvmlu import Binding, Device, Table
+from pyctl.metrics import drain_eventfd
 from pyctl.uapi import lib
 from pyctl.vapic import Vapic, VapicDevice
 from pyctl.vfio import VfioPciDevice
@@ -141,13 +142,6 @@ class Optimisations:
 
 def _eventfd() -> int:
     return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-
-
-def _read_all(fd: int) -> int:
-    try:
-        return os.eventfd_read(fd)
-    except BlockingIOError:
-        return 0
 
 
 class LiveVmm:
@@ -321,7 +315,7 @@ class LiveVmm:
             # A vCPU that starts takes what is pending, then waits for notifications.
             while self._enter():
                 try:
-                    _read_all(self.notify[v])
+                    drain_eventfd(self.notify[v])
                     self._sync_ack_eoi(v)
                 finally:
                     self._leave()
@@ -344,7 +338,7 @@ class LiveVmm:
 
     def start(self) -> float:
         """Let the vCPU threads run; returns the moment they may."""
-        _read_all(self.kick)
+        drain_eventfd(self.kick)
         with self.cond:
             self.stopping = False
         t = time.monotonic()

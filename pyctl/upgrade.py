@@ -57,6 +57,7 @@ from pyctl.livevmm import (
     max_vcpus,
     serve,
 )
+from pyctl.metrics import percentile
 from pyctl.vmm import SCM_MAX_FD, recv_msg, send_msg
 
 LAND_TIMEOUT = 5.0
@@ -461,13 +462,10 @@ def downtime_text(d: dict[str, float], n: int) -> str:
 
 
 def _percentiles(xs: list[float]) -> dict[str, float]:
+    """p50, p99, max and min of sorted *xs* (empty: none)."""
     if not xs:
         return {}
-
-    def pct(p: float) -> float:
-        return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
-
-    return {"p50": pct(50), "p99": pct(99), "max": xs[-1], "min": xs[0]}
+    return {"p50": percentile(xs, 0.5), "p99": percentile(xs, 0.99), "max": xs[-1], "min": xs[0]}
 
 
 def upgrade(  # noqa: PLR0917 - the run's parameters, passed through

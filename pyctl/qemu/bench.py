@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pyctl.metrics import percentile
 from pyctl.qemu import QemuError
 from pyctl.qemu import cli as qcli
 from pyctl.qemu import guest as qguest
@@ -59,11 +60,6 @@ def host_busy_seconds() -> float:
     idle = ticks[3] + ticks[4]
     # guest and guest_nice are already counted in user and nice.
     return (sum(ticks[:8]) - idle) / CLK_TCK
-
-
-def percentile(sorted_us: list[float], q: float) -> float:
-    """The nearest-rank *q* quantile of *sorted_us*."""
-    return sorted_us[min(len(sorted_us) - 1, max(0, round(q * len(sorted_us)) - 1))]
 
 
 @dataclass

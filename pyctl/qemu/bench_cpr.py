@@ -28,12 +28,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pyctl.metrics import percentile
 from pyctl.qemu import QemuError
 from pyctl.qemu import check as qcheck
 from pyctl.qemu import cli as qcli
 from pyctl.qemu import guest as qguest
 from pyctl.qemu import run as qrun
-from pyctl.qemu.bench import environment, percentile, write_outputs
+from pyctl.qemu.bench import environment, write_outputs
 from pyctl.qemu.upgrade_cli import Plan, run_path
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pyctl import cli
+from pyctl.metrics import drain_eventfd, percentile
 from pyctl.qemu import bench as qbench
 from pyctl.qemu import guest as qguest
 from pyctl.qemu import run as qrun
@@ -16,9 +17,29 @@ from pyctl.qemu import run as qrun
 
 def test_percentile_is_nearest_rank() -> None:
     us = [float(x) for x in range(1, 11)]
-    assert qbench.percentile(us, 0.9) == 9.0
-    assert qbench.percentile(us, 1.0) == 10.0
-    assert qbench.percentile([5.0], 0.9) == 5.0
+    assert percentile(us, 0.9) == 9.0
+    assert percentile(us, 1.0) == 10.0
+    assert percentile(us, 0.5) == 5.0
+    assert percentile([5.0], 0.9) == 5.0
+    # A p99 of 50 samples is their maximum.
+    assert percentile([float(x) for x in range(50)], 0.99) == 49.0
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError):
+            percentile(us, bad)
+    with pytest.raises(ValueError):
+        percentile([], 0.5)
+
+
+def test_drain_eventfd_reads_and_resets() -> None:
+    fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        assert drain_eventfd(fd) == 0
+        os.eventfd_write(fd, 3)
+        os.eventfd_write(fd, 4)
+        assert drain_eventfd(fd) == 7
+        assert drain_eventfd(fd) == 0
+    finally:
+        os.close(fd)
 
 
 def test_summary_subtracts_the_idle_stretch() -> None:
