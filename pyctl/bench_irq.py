@@ -91,6 +91,10 @@ class Stream:
                 self.delivered += 1
                 self.got.set()
 
+    def consumed_now(self) -> int:
+        """MSI eventfd counts consumed so far, while the stream runs."""
+        return self.binding.info().stats.signals if self.binding is not None else self.consumed
+
     def finish(self) -> None:
         self.stop.set()
         for t in self.threads:
@@ -158,16 +162,13 @@ def _throughput_round(
                 edu.raise_irq(syscall=True)
                 raised += 1
             elapsed = time.perf_counter() - t0
-            # Let the tail of the stream arrive: the last raise's MSI is consumed
-            # once the counter stops moving for 50 ms (bounded by 2 s).
+            # Let the tail of the stream arrive: wait until every raise has
+            # been consumed (the interrupt thread may be behind by many),
+            # for at most 2 s (the device may merge a raise into one whose
+            # MSI is still in flight, and then the count never gets there).
             deadline = time.perf_counter() + 2.0
-            last = -1
-            while time.perf_counter() < deadline:
-                now = s.binding.info().stats.signals if s.binding else s.consumed
-                if now == last:
-                    break
-                last = now
-                time.sleep(0.05)
+            while time.perf_counter() < deadline and s.consumed_now() < raised:
+                time.sleep(0.01)
             cpu_s = time.process_time() - cpu0
         finally:
             s.finish()
