@@ -74,7 +74,7 @@ def test_the_paced_stream_never_runs_ahead_of_its_rate() -> None:
     assert r["raised"] <= 200.0 * r["seconds"] + 1
     assert r["consumed_per_raised"] == r["consumed"] / r["raised"]
     assert r["delivered"] <= r["consumed"] <= r["raised"]
-    assert r["cpu_us_per_raised"] > 0
+    assert r["consumer_cpu_us_per_raised"] > 0
 
 
 def _round(
@@ -90,7 +90,7 @@ def _round(
         "delivered_per_s": delivered / seconds,
         "consumed_per_raised": consumed / raised,
         "delivered_per_raised": delivered / raised,
-        "cpu_us_per_raised": cpu_us,
+        "consumer_cpu_us_per_raised": cpu_us,
     }
 
 
@@ -104,7 +104,7 @@ def test_rounds_are_totalled_and_their_spread_kept() -> None:
     assert s["raised_per_s"] == 100.0
     assert s["consumed_per_s"] == 97.5
     assert s["consumed_per_raised"] == 390 / 400
-    assert s["cpu_us_per_raised"] == (10.0 * 100 + 20.0 * 300) / 400
+    assert s["consumer_cpu_us_per_raised"] == (10.0 * 100 + 20.0 * 300) / 400
     sp = s["spread"]["consumed_per_raised"]
     assert (sp["min"], sp["max"], sp["mean"]) == (0.9, 1.0, 0.95)
     assert sp["stdev"] == pytest.approx(0.0707, abs=1e-4)
@@ -135,13 +135,13 @@ def test_the_table_names_the_spread_and_the_paced_stream() -> None:
             "consumed_per_s_kernel_over_userspace": 1.0,
             "delivered_per_s_kernel_over_userspace": 1.0,
             "raised_per_s_kernel_over_userspace": 1.0,
-            "paced_cpu_per_raised_userspace_over_kernel": 1.0,
+            "paced_consumer_cpu_per_raised_userspace_over_kernel": 1.0,
         },
     }
     text = bench_irq.table_text(result)
     assert "100 raises a second, 2 rounds" in text
     assert "| kernel | 100 ± 0 | 0.950 ± 0.071 |" in text
-    assert "CPU per raise 1.00x" in text
+    assert "consumer CPU per raise 1.00x" in text
 
 
 @pytest.mark.parametrize("text", ["0", "-1", "nan", "inf", "x"])
