@@ -204,7 +204,12 @@ def _add_bench(sub: Any) -> None:
     )
     b.add_argument("--device", metavar="BDF", help="edu PCI function (default: the first)")
     b.add_argument("--samples", type=int_range(1), default=2000, help="latency samples per path")
-    b.add_argument("--seconds", type=positive_float, default=4.0, help="throughput time per path")
+    b.add_argument(
+        "--seconds",
+        type=positive_float,
+        default=4.0,
+        help="time per path of each throughput phase, full speed and paced (default: %(default)g)",
+    )
     b.add_argument(
         "--rate",
         type=positive_float,
