@@ -13,14 +13,14 @@ the modules and scans the kernel log; it writes ``status.json`` into a results
 folder that the host shares read-write with the guest.
 
 The exit status is COMMAND's when it failed; otherwise 1 when a check failed
-(kernel-log finding, module that would not unload, setup error), 124 when the VM
-timed out and was killed, 125 when the guest wrote no status at all (kernel
-panic, crash, boot failure); before booting, 2 for options that do not fit and
-3 when the machine lacks what the VM needs (the kernel, a module built for
-it).  The results folder (default ``results/vm`` in the checkout) keeps
-``status.json``, ``guest.log`` (what the guest printed), ``kmsg.log`` (the
-kernel log of the run) and ``console.log`` (the kernel console, which is where
-a panic ends up).
+(kernel-log finding, module that would not unload, setup error), 124 when the
+VM timed out and was killed, 125 when the guest wrote no status at all (kernel
+panic, crash, boot failure, or a CPU stuck for :data:`LOCKUP_FATAL_S`); before
+booting, 2 for options that do not fit and 3 when the machine lacks what the VM
+needs (the kernel, a module built for it). The results folder (default
+``results/vm`` in the checkout) keeps ``status.json``, ``guest.log`` (what the
+guest printed), ``kmsg.log`` (the kernel log of the run) and ``console.log``
+(the kernel console, which is where a panic ends up).
 
 virtme-ng details this relies on (1.42):
 
