@@ -496,18 +496,16 @@ def died_before_runner(console: Path, guest_log: Path, end: BootEnd) -> bool:
 BootEnd = Literal["exit", "timeout", "lockup"]
 
 
-def _boot(
-    opts: VmOptions, argv: list[str], env: dict[str, str], watch: LockupWatch | None = None
-) -> tuple[int, BootEnd]:
+def _boot(opts: VmOptions, argv: list[str], env: dict[str, str]) -> tuple[int, BootEnd]:
     """One boot: stream its output into the results folder; (vng's status,
     how it ended). QEMU is stopped after --timeout, or as soon as the console
-    shows a CPU stuck for good (*watch*). Raises KeyboardInterrupt after
+    shows a CPU stuck for good (:class:`LockupWatch`). Raises KeyboardInterrupt after
     stopping QEMU."""
     results = opts.results_dir
     for name in ("status.json", "status.json.tmp", "kmsg.log", "console.log", "guest.log"):
         (results / name).unlink(missing_ok=True)
     end: BootEnd = "exit"
-    watch = watch or LockupWatch()
+    watch = LockupWatch()
     with (
         open(results / "guest.log", "wb") as guest_log,
         open(results / "console.log", "wb") as console_log,
